@@ -1,0 +1,1 @@
+"""Flax NNX networks: backbones, DUpsample, decoders and the assembled DUNet."""
