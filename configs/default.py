@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_every = 5000
   train.checkpoint_every = 1000
   train.keep_checkpoints = 3
+  train.peak_flops = 0.0               # peak FLOP/s per chip for MFU; 0 = look up device_kind (dunet_jax/throughput.py)
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.batch_size = 8
