@@ -1,0 +1,163 @@
+"""Orbax checkpoints of a training run, the run's recorded config, and restoring onto any topology.
+
+A workdir holds `config.json` (the config the run was started with), `reconstruction.npz` (W)
+and `checkpoints/<step>/` with four items: 'params' and 'model_state' (the model: trainable
+parameters; BatchNorm statistics and W), 'opt_state' and 'progress' (the step). Inference
+restores only the model items. Restoring builds an abstract target whose shardings are made
+for the devices of the restoring process, so a checkpoint written by 8 TPU chips opens on a
+laptop CPU. Orbax writes each step to a temporary folder and renames it when complete, so an
+interrupted save never looks like a checkpoint; a complete but unreadable latest step is
+skipped with a warning in favour of the previous one.
+"""
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from dunet_jax import sharding
+from dunet_jax.models import dunet
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+RECONSTRUCTION_FILE = 'reconstruction.npz'
+
+# Config keys that may differ between a run and its resumption: where files live, how
+# often things happen, evaluation settings and the device layout. Everything else changes
+# what is trained, so resuming with another value is refused.
+RESUMABLE_CHANGES = ('data.manual_dir', 'data.tfds_data_dir', 'data.shuffle_buffer', 'data.skip_bad_files',
+                     'train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
+                     'train.keep_checkpoints', 'train.peak_flops', 'eval.', 'mesh.')
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The workdir holds a run of another model or config."""
+
+
+def make_manager(workdir: str | pathlib.Path, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                         enable_async_checkpointing=not read_only)
+  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
+                               item_names=('params', 'model_state', 'opt_state', 'progress'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, params: Any, model_state: Any, opt_state: Any) -> None:
+  """Starts an asynchronous save of the training state at `step` (every process must call it)."""
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      model_state=ocp.args.StandardSave(model_state),
+      opt_state=ocp.args.StandardSave(opt_state),
+      progress=ocp.args.JsonSave({'step': int(step)})))
+
+
+def restore(manager: ocp.CheckpointManager, abstract: dict[str, Any], step: int | None = None,
+            ) -> tuple[dict[str, Any], int] | None:
+  """Restores the items named in `abstract` from `step`, or from the newest readable step.
+
+  `abstract` maps item names ('params', 'model_state', 'opt_state') to trees of
+  jax.ShapeDtypeStruct carrying the target shardings. Returns None when there is no checkpoint.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f'No checkpoint for step {step} in {manager.directory}; available: {sorted(steps)}.')
+    steps = [step]
+  for candidate in steps:
+    try:
+      restored = manager.restore(candidate, args=ocp.args.Composite(
+          **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}))
+    except Exception as error:  # noqa: BLE001 - any unreadable step falls back to the previous one
+      if step is not None or candidate == steps[-1]:
+        raise IncompatibleCheckpointError(
+            f'Checkpoint {manager.directory}/{candidate} cannot be restored into this model ({error}). '
+            'It was written by another model or config, or it is corrupt: use a fresh --workdir.') from error
+      logging.warning('Checkpoint step %d in %s is unreadable (%s); trying the previous one.',
+                      candidate, manager.directory, error)
+      continue
+    return {name: restored[name] for name in abstract}, candidate
+  return None
+
+
+def abstract_with_shardings(tree: Any, mesh: Mesh) -> Any:
+  """ShapeDtypeStructs for `tree` whose shardings fit `mesh` (FSDP rules, else replicated)."""
+  return jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                        sharding=sharding.parameter_sharding(mesh, tuple(leaf.shape))), tree)
+
+
+def _flatten(config: dict, prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """A JSON-able dict of the config (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def save_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  (pathlib.Path(workdir) / CONFIG_FILE).write_text(config.to_json(indent=2))
+
+
+def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f'{path} not found: {workdir} is not a dunet_jax workdir (it has no recorded config). '
+                            'Pass the --workdir of a training run.')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def check_resumable(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a run whose recorded config differs in anything that changes training."""
+  recorded = _flatten(config_to_dict(load_config(workdir)))
+  current = _flatten(config_to_dict(config))
+  differing = sorted(key for key in recorded.keys() | current.keys()
+                     if recorded.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES))
+  if differing:
+    details = '; '.join(f'{key}: recorded {recorded.get(key)!r}, now {current.get(key)!r}' for key in differing)
+    raise IncompatibleCheckpointError(
+        f'{workdir} holds a run with another config ({details}). Resume with the recorded config '
+        f'({pathlib.Path(workdir) / CONFIG_FILE}) or start a new run in a fresh --workdir.')
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, trainable params, everything else: BatchNorm statistics, a frozen W, T's state)."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def restore_model(workdir: str | pathlib.Path, step: int | None = None,
+                  mesh: Mesh | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
+  """The trained model of a workdir, in eval mode, on this process's devices (replicated)."""
+  config = load_config(workdir)
+  mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
+  abstract_model = nnx.eval_shape(lambda: dunet.DUNet(config.model, config.data.num_classes,
+                                                      reconstruction=None, rngs=nnx.Rngs(0)))
+  graphdef, params, model_state = split_model(abstract_model)
+  manager = make_manager(workdir, read_only=True)
+  restored = restore(manager, {'params': abstract_with_shardings(params, mesh),
+                               'model_state': abstract_with_shardings(model_state, mesh)}, step)
+  if restored is None:
+    raise FileNotFoundError(f'No checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}: train first with '
+                            f'python -m dunet_jax.main --workdir={workdir}.')
+  items, restored_step = restored
+  model = nnx.merge(graphdef, items['params'], items['model_state'])
+  model.eval()
+  return model, config, restored_step
+
+
+def finite(tree: Any) -> bool:
+  """True when every floating-point leaf of a (global) tree is finite."""
+  checks = [jax.numpy.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)
+            if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)]
+  return bool(np.all([bool(check) for check in checks]))

@@ -1,0 +1,48 @@
+"""Trains and evaluates DUNet: `python -m dunet_jax.main --config=configs/voc.py:r50_os16 --workdir=DIR`.
+
+Rerunning the same command resumes the run in DIR. On a Cloud TPU pod slice or a SLURM job the
+processes find each other by themselves; elsewhere pass --coordinator_address, --num_processes
+and --process_id to every process.
+"""
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import jax  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dunet_jax import train  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/voc.py:r50_os16.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, W, the config and TensorBoard logs go.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process runs outside '
+                    'Cloud TPU and SLURM (which are detected automatically).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes, with --coordinator_address.')
+flags.DEFINE_integer('process_id', None, 'This process\'s index, with --coordinator_address.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _in_multiprocess_cluster() -> bool:
+  """A TPU pod slice with several hosts, or a SLURM job with several tasks."""
+  tpu_hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  return ',' in tpu_hosts or int(os.environ.get('SLURM_NTASKS', '1')) > 1
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  tf.config.set_visible_devices([], 'GPU')  # tf.data only; accelerators belong to jax
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif _in_multiprocess_cluster():
+    jax.distributed.initialize()
+  logging.info('Process %d of %d; %d local / %d global devices (%s).', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

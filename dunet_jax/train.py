@@ -1,0 +1,289 @@
+"""Training: W from the labels, jitted train and eval steps over a Mesh, checkpoints, resume.
+
+`train_and_evaluate(config, workdir)` is the whole job. It is safe to rerun: it resumes from
+the newest readable checkpoint (parameters, optimizer state and step; the data pipeline and
+augmentation are pure functions of the seed and the step, so a resumed run sees the batches an
+uninterrupted one would), saves and exits cleanly on SIGTERM, and stops on a NaN or Inf loss
+without overwriting the last good checkpoint.
+"""
+import dataclasses
+import itertools
+import pathlib
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from dunet_jax import checkpoint, metrics, reconstruction, sharding, throughput
+from dunet_jax.data import datasets, pipeline
+from dunet_jax.models import dunet
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int) -> jax.Array:
+  """Mean softmax cross-entropy over the non-void pixels of the whole (global) batch, in float32."""
+  logits = logits.astype(jnp.float32)
+  valid = labels != ignore_label
+  safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
+  return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
+  """SGD with momentum, poly learning rate, and weight decay on conv/linear kernels only.
+
+  BatchNorm scales and biases, the temperature T and a trainable W are not decayed: decaying W
+  pulls it away from the label subspace it was fitted to (one of the reimplementations' faults).
+  """
+  schedule = optax.polynomial_schedule(init_value=config.train.learning_rate, end_value=0.0,
+                                       power=config.train.poly_power, transition_steps=config.train.num_steps)
+  decay_mask = jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+  return optax.chain(optax.add_decayed_weights(config.train.weight_decay, mask=decay_mask),
+                     optax.sgd(schedule, momentum=config.train.momentum))
+
+
+def create_model(config: ml_collections.ConfigDict, fitted_w: np.ndarray | None) -> dunet.DUNet:
+  from dunet_jax.models import pretrained  # only needed when a backbone checkpoint is given
+  model = dunet.DUNet(config.model, config.data.num_classes, reconstruction=fitted_w,
+                      rngs=nnx.Rngs(config.seed))
+  if config.model.pretrained:
+    pretrained.load_backbone_weights(model.backbone, config.model.pretrained)
+  return model
+
+
+@dataclasses.dataclass
+class Steps:
+  """The jitted steps of one model; `train` donates its state buffers."""
+  train: Callable[..., Any]
+  confusion: Callable[..., Any]
+
+
+def make_steps(model: dunet.DUNet, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+               mesh: Mesh, state_shardings: tuple[Any, Any, Any]) -> Steps:
+  """Builds the train step (loss, grads, SGD, new BatchNorm statistics) and the eval step."""
+  model.train()
+  train_graph = nnx.graphdef(model)
+  model.eval()
+  eval_graph = nnx.graphdef(model)
+  ignore_label = config.data.ignore_label
+  num_classes = config.data.num_classes
+
+  def train_step(params, model_state, opt_state, batch):
+    def loss_fn(params, model_state):
+      net = nnx.merge(train_graph, params, model_state, copy=True)
+      loss = cross_entropy(net(batch['image']), batch['label'], ignore_label)
+      return loss, nnx.state(net, nnx.Not(nnx.Param))
+
+    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, model_state, opt_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+
+  def confusion_step(params, model_state, batch):
+    net = nnx.merge(eval_graph, params, model_state, copy=True)
+    predictions = jnp.argmax(net(batch['image']), axis=-1)
+    labels = jnp.where(batch['valid'][:, None, None], batch['label'], ignore_label)
+    return metrics.confusion_matrix(labels, predictions, num_classes, ignore_label)
+
+  batch = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  train = jax.jit(train_step, in_shardings=(*state_shardings, batch),
+                  out_shardings=(*state_shardings, replicated), donate_argnums=(0, 1, 2))
+  confusion = jax.jit(confusion_step, in_shardings=(state_shardings[0], state_shardings[1], batch),
+                      out_shardings=replicated)
+  return Steps(train=train, confusion=confusion)
+
+
+def evaluate(steps: Steps, params: Any, model_state: Any, builder: Any, config: ml_collections.ConfigDict,
+             mesh: Mesh) -> dict:
+  """Single-scale mIoU at each image's original resolution (padding is void, never scored)."""
+  total = np.zeros((config.data.num_classes,) * 2, np.int64)
+  for local_batch in pipeline.eval_batches(
+      builder, config.data, split=config.data.eval_split, global_batch_size=config.eval.batch_size,
+      pad_size=config.data.eval_pad_size, process_index=jax.process_index(), process_count=jax.process_count()):
+    global_batch = sharding.to_global(
+        {key: local_batch[key] for key in ('image', 'label', 'valid')}, mesh)
+    total += np.asarray(steps.confusion(params, model_state, global_batch))
+  return metrics.scores(total)
+
+
+def fit_or_load_w(config: ml_collections.ConfigDict, workdir: pathlib.Path, builder: Any,
+                  mesh: Mesh) -> np.ndarray | None:
+  """W from the workdir if the run already fitted it, else one streaming PCA pass over the labels."""
+  if config.model.decoder != 'dupsample':
+    return None
+  path = workdir / checkpoint.RECONSTRUCTION_FILE
+  expected = dict(expect_ratio=config.model.output_stride, expect_num_classes=config.data.num_classes,
+                  expect_num_components=config.model.num_components)
+  if path.exists():
+    return reconstruction.load_reconstruction(path, **expected).w
+  started = time.time()
+  label_batches = pipeline.eval_batches(
+      builder, config.data, split=config.data.train_split, global_batch_size=config.eval.batch_size,
+      pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), labels_only=True)
+  if config.train.w_num_images:
+    label_batches = itertools.islice(label_batches, -(-config.train.w_num_images // config.eval.batch_size))
+  fit = reconstruction.fit_pca(
+      (sharding.to_global({'label': batch['label']}, mesh)['label'] for batch in label_batches),
+      ratio=config.model.output_stride, num_classes=config.data.num_classes,
+      num_components=config.model.num_components, mesh=mesh)
+  logging.info('Fitted W (%d x %d) from %d label windows in %.1fs.', *fit.w.shape, fit.num_windows,
+               time.time() - started)
+  if jax.process_index() == 0:
+    reconstruction.save_reconstruction(path, fit)
+  return fit.w
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM into a flag the loop checks, so it can save a checkpoint and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning('SIGTERM received: saving a checkpoint at the current step, then exiting.')
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step) or self.requested
+    return self.requested
+
+  def close(self) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains (or resumes) the run in `workdir` to config.train.num_steps; returns the last eval metrics."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  if (workdir / checkpoint.CONFIG_FILE).exists():
+    checkpoint.check_resumable(workdir, config)
+  elif is_chief:
+    checkpoint.save_config(workdir, config)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  mesh = sharding.make_mesh(config.mesh)
+  if is_chief:
+    builder = datasets.prepare(config.data)
+  multihost_utils.sync_global_devices('dataset prepared')
+  if not is_chief:
+    builder = datasets.prepare(config.data)
+
+  fitted_w = fit_or_load_w(config, workdir, builder, mesh)
+  model = create_model(config, fitted_w)
+  _, params, model_state = checkpoint.split_model(model)
+  tx = make_optimizer(config, params)
+  opt_state = tx.init(params)
+
+  state = (params, model_state, opt_state)
+  state_shardings = tuple(sharding.tree_shardings(mesh, part) for part in state)
+  params, model_state, opt_state = jax.device_put(state, state_shardings)
+  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
+  restored = checkpoint.restore(manager, {
+      'params': checkpoint.abstract_with_shardings(params, mesh),
+      'model_state': checkpoint.abstract_with_shardings(model_state, mesh),
+      'opt_state': checkpoint.abstract_with_shardings(opt_state, mesh)})
+  step = 0
+  if restored is not None:
+    items, step = restored
+    params, model_state, opt_state = items['params'], items['model_state'], items['opt_state']
+    logging.info('Resumed from %s at step %d.', manager.directory, step)
+
+  steps = make_steps(model, config, tx, mesh, state_shardings)
+  num_steps = config.train.num_steps
+  eval_metrics: dict = {}
+  if step >= num_steps:
+    logging.info('Training already complete (step %d of %d).', step, num_steps)
+    manager.close()
+    return eval_metrics
+
+  batches = pipeline.train_batches(
+      builder, config.data, split=config.data.train_split, global_batch_size=config.train.batch_size,
+      seed=config.seed, start_step=step, process_index=jax.process_index(), process_count=jax.process_count())
+  first_batch = sharding.to_global(next(batches), mesh)
+  compiled = steps.train.lower(params, model_state, opt_state, first_batch).compile()
+  flops_per_step = throughput.step_flops(compiled)
+  peak = throughput.resolve_peak_flops(config.train.peak_flops)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+  watcher = PreemptionWatcher()
+  pending_losses: list[jax.Array] = []
+  last_log = (time.time(), step)
+  batch = first_batch
+  try:
+    while step < num_steps:
+      params, model_state, opt_state, step_metrics = compiled(params, model_state, opt_state, batch)
+      step += 1
+      pending_losses.append(step_metrics['loss'])
+      report_progress(step)
+      is_last = step == num_steps
+      stopping = watcher.should_stop(step)
+      if step % config.train.log_every == 0 or is_last or stopping or step % config.train.checkpoint_every == 0:
+        _check_finite(pending_losses, step, manager)
+        pending_losses = []
+        if step % config.train.log_every == 0 or is_last:
+          now = time.time()
+          seconds_per_step = (now - last_log[0]) / max(step - last_log[1], 1)
+          last_log = (now, step)
+          writer.write_scalars(step, {
+              'train/loss': float(step_metrics['loss']), 'train/grad_norm': float(step_metrics['grad_norm']),
+              'train/learning_rate': float(optax.polynomial_schedule(
+                  config.train.learning_rate, 0.0, config.train.poly_power, num_steps)(step)),
+              'train/images_per_second': config.train.batch_size / seconds_per_step,
+              'train/model_flops_per_second': flops_per_step / seconds_per_step,
+              'train/mfu': throughput.mfu(flops_per_step, seconds_per_step, mesh.size, peak)})
+      if step % config.train.checkpoint_every == 0 or is_last or stopping:
+        checkpoint.save(manager, step, params, model_state, opt_state)
+      if stopping:
+        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
+        break
+      if step % config.train.eval_every == 0 or is_last:
+        with report_progress.timed('eval'):
+          eval_metrics = evaluate(steps, params, model_state, builder, config, mesh)
+        _write_eval(writer, step, eval_metrics, config)
+      if not is_last:
+        batch = sharding.to_global(next(batches), mesh)
+  finally:
+    watcher.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+  return eval_metrics
+
+
+def _check_finite(losses: list[jax.Array], step: int, manager: Any) -> None:
+  values = np.array([float(loss) for loss in losses])
+  if not np.all(np.isfinite(values)):
+    bad_step = step - len(values) + int(np.argmin(np.isfinite(values))) + 1
+    raise NonFiniteLossError(
+        f'The loss became {values[~np.isfinite(values)][0]} at step {bad_step}. Training stopped; the last good '
+        f'checkpoint (step {manager.latest_step()}) in {manager.directory} is kept. Lower '
+        'config.train.learning_rate or check the data, then rerun to resume from it.')
+
+
+def _write_eval(writer: metric_writers.MetricWriter, step: int, result: dict,
+                config: ml_collections.ConfigDict) -> None:
+  names = datasets.class_names(config.data)
+  scalars = {'eval/miou': result['miou'], 'eval/pixel_accuracy': result['pixel_accuracy']}
+  scalars.update({f'eval/iou/{name}': iou for name, iou in zip(names, result['per_class_iou'])
+                  if not np.isnan(iou)})
+  writer.write_scalars(step, scalars)
+  logging.info('Evaluation at step %d on %s:\n%s', step, config.data.eval_split,
+               metrics.format_table(result, names))
