@@ -154,25 +154,28 @@ def _read_list(path: str) -> list[str]:
   return [pathlib.PurePath(stem).stem for stem in stems]
 
 
-_PRED_DIR = flags.DEFINE_string('pred_dir', None, 'Folder of predicted label PNGs (class ids).')
-_LABEL_DIR = flags.DEFINE_string('label_dir', None, 'Folder of ground-truth label PNGs.')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', 21, 'Number of classes (VOC: 21).')
-_IGNORE_LABEL = flags.DEFINE_integer('ignore_label', 255, 'Label value that is never scored.')
-_LIST = flags.DEFINE_string('list', None, 'Optional text file of stems to score, one per line.')
+def define_flags() -> None:
+  """Flags of the CLI, defined only when run as a program so importing this module adds none."""
+  flags.DEFINE_string('pred_dir', None, 'Folder of predicted label PNGs (class ids).', required=True)
+  flags.DEFINE_string('label_dir', None, 'Folder of ground-truth label PNGs.', required=True)
+  flags.DEFINE_integer('num_classes', 21, 'Number of classes (VOC: 21).')
+  flags.DEFINE_integer('ignore_label', 255, 'Label value that is never scored.')
+  flags.DEFINE_string('list', None, 'Optional text file of stems to score, one per line.')
 
 
 def main(argv: list[str]) -> None:
   del argv
+  options = flags.FLAGS
   try:
-    stems = _read_list(_LIST.value) if _LIST.value else None
-    pairs = matched_pairs(pathlib.Path(_PRED_DIR.value), pathlib.Path(_LABEL_DIR.value), stems)
-    _, result = score_pairs(pairs, _NUM_CLASSES.value, _IGNORE_LABEL.value)
+    stems = _read_list(options.list) if options.list else None
+    pairs = matched_pairs(pathlib.Path(options.pred_dir), pathlib.Path(options.label_dir), stems)
+    _, result = score_pairs(pairs, options.num_classes, options.ignore_label)
   except ScoreError as error:
     sys.exit(f'error: {error}')
-  print(metrics.format_table(result, class_names(_NUM_CLASSES.value)))
+  print(metrics.format_table(result, class_names(options.num_classes)))
   print(json.dumps(json_ready(result)))
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['pred_dir', 'label_dir'])
+  define_flags()
   app.run(main)
