@@ -2,7 +2,7 @@
 
 `python -m dunet_jax.main --config=configs/synthetic.py --workdir=/tmp/dunet_demo`
 generates the images into data.manual_dir, builds them with the same TFDS builder as real VOC,
-fits W, trains, evaluates, and checkpoints. The ',test' preset is a seconds-long variant for tests.
+fits W, trains, evaluates, and checkpoints. The ":test" preset (configs/synthetic.py:test) is a seconds-long variant for tests.
 """
 import ml_collections
 
@@ -61,5 +61,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.checkpoint_every = 3
     config.eval.batch_size = 8
   elif arg:
-    raise ValueError(f'Unknown preset {arg!r} for configs/synthetic.py: use no preset or ",test".')
+    raise ValueError(f'Unknown preset {arg!r} for configs/synthetic.py: use no preset or ":test".')
   return config
