@@ -69,9 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.batch_size = 8
-  evaluation.scales = (1.0,)
-  evaluation.flip = False
-  evaluation.num_images_to_log = 3
+  evaluation.scales = (1.0,)         # multi-scale test: (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+  evaluation.flip = False            # also average the horizontally mirrored image's probabilities
+  evaluation.sliding_window = False  # predict images larger than data.crop_size in overlapping crops
+  evaluation.num_images_to_log = 3   # image | ground truth | prediction triplets per evaluation
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1                     # -1: all devices not used by the other axes
