@@ -18,6 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.synthetic = False             # True: generate the built-in dataset into manual_dir first
   data.synthetic_num_train = 0
   data.synthetic_num_val = 0
+  data.synthetic_seed = 0            # the built-in images are a pure function of this seed
+  data.context_classes = 59          # PASCAL Context: 59 (background -> 255, paper) or 60 (background = 0)
   data.train_split = 'train_aug'
   data.eval_split = 'val'
   data.num_classes = 21
