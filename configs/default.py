@@ -43,10 +43,15 @@ def get_config() -> ml_collections.ConfigDict:
   model.output_stride = 16
   model.multi_grid = (1, 1, 1)
   model.decoder = 'dupsample'        # 'dupsample' | 'bilinear' | 'deeplabv3plus'
-  model.aspp = False
+  model.aspp = False                 # ASPP on the last feature (DeepLabV3); its output is what the decoder reads
+  model.aspp_channels = 256
+  model.aspp_rates = (6, 12, 18)     # at output stride 16; scaled by 16 / output_stride
   model.fuse_features = ('b1u2c3',)  # paper's layer names of low-level features to fuse
   model.fuse_channels = 48           # 1x1 conv width of each fused low-level feature
   model.decoder_channels = 256       # width of the decoder's 3x3 convs
+  model.decoder_convs = 2            # 3x3 conv + BN + ReLU layers between the fusion and the 1x1 conv to C'
+  model.separable_convs = False      # depthwise-separable 3x3 convs in ASPP and decoders (DeepLabV3+)
+  model.head_init_std = 0.1          # Gaussian init of new layers (the paper's 'variance 0.01')
   model.num_components = 64          # C': the compressed label dimension DUpsample predicts
   model.train_w = False              # W is fixed from the labels (paper); True lets it train
   model.temperature_init = 1.0
