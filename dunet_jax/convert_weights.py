@@ -1,0 +1,249 @@
+"""ImageNet weights from torchvision / timm files into a backbone `.npz` (`config.model.pretrained`).
+
+  python -m dunet_jax.convert_weights --source=resnet50-11ad3fa6.pth --arch=resnet50 \\
+      --output=resnet50.npz
+
+Reads a PyTorch state dict from `.safetensors` (always, with safetensors' numpy API) or
+`.pth` / `.pt` / `.bin` (only when torch is installed). Every source tensor is either mapped onto
+exactly one parameter or BatchNorm statistic of our backbone, or is on the explicit drop list
+(the ImageNet classifier and BN's `num_batches_tracked`); every tensor of our backbone must be
+filled. Anything else, and any shape mismatch, stops the conversion with the keys named.
+Conv kernels go from OIHW to HWIO (depthwise: (C, 1, 3, 3) -> (3, 3, 1, C)). Nothing is downloaded.
+
+The output is an uncompressed `.npz` keyed by our parameter paths joined with '/'
+('layer1/0/conv1/kernel', 'units/efb2u1/conv2/bn_dw/mean', ...), plus the string entries
+`__arch__` and `__source__`.
+"""
+import dataclasses
+import inspect
+import pathlib
+import re
+import sys
+
+import numpy as np
+from absl import app
+from absl import flags
+from flax import nnx
+
+from dunet_jax.models import pretrained
+from dunet_jax.models import resnet
+from dunet_jax.models import xception
+
+BN_LEAVES = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """A convertible architecture: our backbone settings and where its published weights live."""
+  family: str          # 'resnet' | 'xception'
+  depth: int
+  naming: str          # 'torchvision' | 'timm_deep_stem' | 'timm_xception'
+  stem: str = 'standard'
+  avg_down: bool = False
+  published: str = ''  # where users get the file (for --help and the README)
+
+
+ARCHS = {
+    'resnet50': Arch('resnet', 50, 'torchvision', published='torchvision resnet50 (ResNet50_Weights.IMAGENET1K_V1 / V2)'),
+    'resnet101': Arch('resnet', 101, 'torchvision',
+                      published='torchvision resnet101 (ResNet101_Weights.IMAGENET1K_V1 / V2)'),
+    'resnet50c': Arch('resnet', 50, 'timm_deep_stem', stem='deep', published='timm resnet50c.gluon_in1k'),
+    'resnet101c': Arch('resnet', 101, 'timm_deep_stem', stem='deep', published='timm resnet101c.gluon_in1k'),
+    'resnet50d': Arch('resnet', 50, 'timm_deep_stem', stem='deep', avg_down=True,
+                      published='timm resnet50d.{a1_in1k,gluon_in1k,ra2_in1k}'),
+    'resnet101d': Arch('resnet', 101, 'timm_deep_stem', stem='deep', avg_down=True,
+                       published='timm resnet101d.{gluon_in1k,ra2_in1k}'),
+    'xception65': Arch('xception', 65, 'timm_xception', published='timm xception65.tf_in1k'),
+    'xception71': Arch('xception', 71, 'timm_xception', published='timm xception71.tf_in1k'),
+}
+
+# Source tensors we drop on purpose: the 1000-class ImageNet heads and PyTorch's BN step counters.
+DROPPED = re.compile(r'^(fc|head\.fc)\.(weight|bias)$|\.num_batches_tracked$')
+
+
+class ConversionError(ValueError):
+  """The source file does not fit the architecture: names the offending keys."""
+
+
+def _key_list(keys, limit: int = 25) -> str:
+  keys = sorted(keys)
+  shown = ', '.join(keys[:limit])
+  return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def _resnet_module(arch: Arch, module: str) -> str | None:
+  """torchvision / timm ResNet module name -> our module path, None when no rule matches."""
+  if arch.naming == 'timm_deep_stem':
+    stem = {'conv1.0': 'conv1_1', 'conv1.1': 'bn1_1', 'conv1.3': 'conv1_2', 'conv1.4': 'bn1_2',
+            'conv1.6': 'conv1_3', 'bn1': 'bn1_3'}
+  else:
+    stem = {'conv1': 'conv1', 'bn1': 'bn1'}
+  if module in stem:
+    return stem[module]
+  # timm's avg-pool shortcut is (AvgPool2d, conv, BN): its conv and BN are downsample.1 / .2.
+  downsample = {'1': 'conv', '2': 'bn'} if arch.avg_down else {'0': 'conv', '1': 'bn'}
+  match = re.fullmatch(r'layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3]|downsample\.(\d))', module)
+  if not match:
+    return None
+  stage, unit, part, index = match.groups()
+  if index is not None:
+    if index not in downsample:
+      return None
+    part = f'downsample/{downsample[index]}'
+  return f'layer{stage}/{unit}/{part}'
+
+
+def _xception_module(arch: Arch, module: str) -> str | None:
+  """timm aligned-Xception module name -> our module path, None when no rule matches."""
+  stem = re.fullmatch(r'stem\.([01])\.(conv|bn)', module)
+  if stem:
+    return f'conv1_{int(stem.group(1)) + 1}/{stem.group(2)}'
+  match = re.fullmatch(r'blocks\.(\d+)\.(stack\.(conv[1-3])\.(conv_dw|bn_dw|conv_pw|bn_pw)|shortcut\.(conv|bn))',
+                       module)
+  if not match:
+    return None
+  names = xception.unit_names(arch.depth)
+  block = int(match.group(1))
+  if block >= len(names):
+    return None
+  if match.group(3):
+    return f'units/{names[block]}/{match.group(3)}/{match.group(4)}'
+  return f'units/{names[block]}/shortcut/{match.group(5)}'
+
+
+def target_path(arch_name: str, key: str, ndim: int) -> str | None:
+  """Our parameter path for source tensor `key` (of rank `ndim`), None when no rule maps it."""
+  arch = ARCHS[arch_name]
+  module, _, leaf = key.rpartition('.')
+  mapped = (_resnet_module if arch.family == 'resnet' else _xception_module)(arch, module)
+  if mapped is None:
+    return None
+  if leaf == 'weight' and ndim == 4:
+    return f'{mapped}/kernel'
+  if leaf in BN_LEAVES and ndim == 1:
+    return f'{mapped}/{BN_LEAVES[leaf]}'
+  return None
+
+
+def build_backbone(arch_name: str, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
+  """Our backbone for `arch_name` at output stride 32 (parameters do not depend on it), float32."""
+  arch = ARCHS[arch_name]
+  rngs = rngs or nnx.Rngs(0)
+  if arch.family == 'xception':
+    return xception.Xception(arch.depth, rngs=rngs)
+  kwargs = {'avg_down': True} if arch.avg_down else {}
+  return resnet.ResNet(resnet.STAGE_BLOCKS[arch.depth], stem=arch.stem, rngs=rngs, **kwargs)
+
+
+def target_shapes(arch_name: str) -> dict[str, tuple[int, ...]]:
+  """Shapes our backbone expects for `arch_name`, computed without allocating it."""
+  arch = ARCHS[arch_name]
+  if arch.avg_down and 'avg_down' not in inspect.signature(resnet.ResNet.__init__).parameters:
+    raise ConversionError(
+        f"--arch={arch_name}: timm's 'd' ResNets shortcut through an average pool, which "
+        f'dunet_jax.models.resnet.ResNet does not implement; convert resnet{arch.depth}c weights instead')
+  return pretrained.parameter_shapes(nnx.eval_shape(lambda: build_backbone(arch_name)))
+
+
+def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """{key: numpy array} from a .safetensors file, or a .pth / .pt / .bin file when torch is installed."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'--source={path}: no such file')
+  if path.suffix == '.safetensors':
+    from safetensors.numpy import load_file
+    return dict(load_file(str(path)))
+  if path.suffix not in ('.pth', '.pt', '.bin'):
+    raise ConversionError(f'--source={path}: expected a .safetensors, .pth, .pt or .bin file')
+  try:
+    import torch
+  except ImportError as error:
+    raise ConversionError(f'--source={path}: reading {path.suffix} files needs torch (not a dunet_jax '
+                          'requirement); install it, or use the .safetensors file of the same weights') from error
+  state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  if isinstance(state_dict, dict) and 'state_dict' in state_dict and len(state_dict) <= 4:
+    state_dict = state_dict['state_dict']
+  return {key: value.detach().float().numpy() for key, value in state_dict.items()}
+
+
+def convert(state_dict: dict[str, np.ndarray], arch_name: str,
+            expected: dict[str, tuple[int, ...]] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Maps a PyTorch state dict onto our paths: (arrays, dropped source keys); ConversionError on any gap."""
+  if arch_name not in ARCHS:
+    raise ConversionError(f'--arch={arch_name}: unknown, choose one of {", ".join(ARCHS)}')
+  expected = target_shapes(arch_name) if expected is None else expected
+  converted, sources, dropped, unmapped, duplicated = {}, {}, [], [], []
+  for key, value in state_dict.items():
+    value = np.asarray(value)
+    if DROPPED.search(key):
+      dropped.append(key)
+      continue
+    path = target_path(arch_name, key, value.ndim)
+    if path is None or path not in expected:
+      unmapped.append(key)
+      continue
+    if path in converted:
+      duplicated.append(f'{key} and {sources[path]} -> {path}')
+      continue
+    sources[path] = key
+    converted[path] = (value.transpose(2, 3, 1, 0) if value.ndim == 4 else value).astype(np.float32)
+  mismatched = [f'{sources[path]} {tuple(value.shape)} -> {path} expects {expected[path]}'
+                for path, value in converted.items() if tuple(value.shape) != tuple(expected[path])]
+  missing = [path for path in expected if path not in converted]
+  problems = []
+  if unmapped:
+    problems.append(f'{len(unmapped)} source tensors match nothing in our {arch_name}: {_key_list(unmapped)}')
+  if duplicated:
+    problems.append(f'{len(duplicated)} source tensors collide: {_key_list(duplicated)}')
+  if mismatched:
+    problems.append(f'{len(mismatched)} shape mismatches (source shape before OIHW->HWIO): '
+                    f'{_key_list(mismatched)}')
+  if missing:
+    problems.append(f'{len(missing)} of our tensors have no source: {_key_list(missing)}')
+  if problems:
+    raise ConversionError(f'--arch={arch_name} does not fit this state dict (is it the right file / '
+                          f'--arch?):\n  ' + '\n  '.join(problems))
+  return converted, dropped
+
+
+def write_npz(path: str | pathlib.Path, arrays: dict[str, np.ndarray], arch_name: str, source: str) -> None:
+  """Writes our arrays plus the __arch__ / __source__ strings that `pretrained` checks."""
+  metadata = {pretrained.ARCH_KEY: np.asarray(arch_name), pretrained.SOURCE_KEY: np.asarray(str(source))}
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'wb') as file:
+    np.savez(file, **arrays, **metadata)
+
+
+def convert_file(source: str, arch_name: str, output: str) -> dict[str, int]:
+  """Reads, converts and writes; prints what was loaded and dropped. Returns counts."""
+  if arch_name not in ARCHS:
+    raise ConversionError(f'--arch={arch_name}: unknown, choose one of {", ".join(ARCHS)}')
+  state_dict = read_state_dict(source)
+  arrays, dropped = convert(state_dict, arch_name)
+  write_npz(output, arrays, arch_name, pathlib.Path(source).name)
+  num_values = sum(int(array.size) for array in arrays.values())
+  print(f'{source}: {len(state_dict)} tensors read; {len(arrays)} mapped onto our {arch_name} '
+        f'({num_values:,} values); {len(dropped)} dropped on purpose: {_key_list(dropped, limit=8)}')
+  print(f'wrote {output}; use it with --config.model.pretrained={output}')
+  return {'read': len(state_dict), 'mapped': len(arrays), 'dropped': len(dropped)}
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  try:
+    convert_file(FLAGS.source, FLAGS.arch, FLAGS.output)
+  except (ConversionError, FileNotFoundError) as error:
+    sys.exit(f'convert_weights: {error}')
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('source', None, 'PyTorch state dict: .safetensors, or .pth when torch is installed.',
+                      required=True)
+  flags.DEFINE_enum('arch', None, list(ARCHS),
+                    'Architecture of --source. ' + '; '.join(f'{name}: {arch.published}' for name, arch in ARCHS.items()),
+                    required=True)
+  flags.DEFINE_string('output', None, '.npz to write (point config.model.pretrained at it).', required=True)
+  app.run(main)
