@@ -38,8 +38,7 @@ EXPANSION = 4
 
 def _max_pool(x: jax.Array) -> jax.Array:
   """3x3 stride-2 max pool padded by 1 with -inf (torch.nn.MaxPool2d(3, 2, 1))."""
-  return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1),
-                               (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 class Downsample(nnx.Module):
