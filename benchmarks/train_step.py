@@ -1,0 +1,160 @@
+"""Speed of the real jitted train step (dunet_jax.train.make_steps); prints one JSON line.
+
+  python benchmarks/train_step.py                       # DUNet-ResNet-50, OS 16, 512x512, batch 2
+  python benchmarks/train_step.py --dtype=bf16 --batch_size=16 --peak_flops=790e12   # an H200
+
+Reports the median step time, images/s, model FLOPs per step (XLA cost analysis of the compiled
+step, 2 per multiply-add), achieved FLOP/s and MFU against the chip's peak. On CPU, where a peak
+means little, it also times a large float32 matmul the same way in the same run and reports the
+fraction of that FLOP/s the step reaches: a ratio that survives the noise of shared machines.
+The batch is split over all local devices; images and labels are random (speed does not depend
+on their values).
+"""
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import default  # noqa: E402
+from dunet_jax import checkpoint, sharding, throughput, train  # noqa: E402
+from dunet_jax.models import dunet  # noqa: E402
+
+# Model overrides of configs/default.py per preset.
+PRESETS: dict[str, dict[str, Any]] = {
+  'r50_os16': {'depth': 50, 'output_stride': 16},
+  'r50_os8': {'depth': 50, 'output_stride': 8},
+  'r101_os16': {'depth': 101, 'output_stride': 16},
+  'tiny': {'depth': 0, 'stage_blocks': (1, 1, 1, 1), 'base_width': 16, 'decoder_channels': 16,
+           'fuse_channels': 8, 'num_components': 16, 'fuse_features': ('b1u1c3',)},
+}
+DTYPES = {'f32': 'float32', 'bf16': 'bfloat16'}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--preset', default='r50_os16', choices=sorted(PRESETS))
+  parser.add_argument('--batch_size', type=int, default=2, help='global batch, split over all devices')
+  parser.add_argument('--crop', type=int, default=512, help='square image size')
+  parser.add_argument('--dtype', default='auto', choices=['auto', *DTYPES],
+                      help='compute dtype; auto = f32 on CPU (bf16 is slow on XLA:CPU), bf16 elsewhere')
+  parser.add_argument('--steps', type=int, default=3, help='timed steps (after --warmup untimed ones)')
+  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--peak_flops', type=float, default=0.0,
+                      help='peak FLOP/s per chip for MFU; 0 = from the device kind (none on CPU)')
+  parser.add_argument('--matmul_size', type=int, default=2048,
+                      help='n of the n x n x n float32 reference matmul (0 = skip it)')
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.crop < 32:
+    parser.error('need --steps >= 1, --warmup >= 0, --batch_size >= 1 and --crop >= 32')
+  return args
+
+
+def make_config(args: argparse.Namespace, platform: str):
+  config = default.get_config()
+  for key, value in PRESETS[args.preset].items():
+    setattr(config.model, key, value)
+  dtype = args.dtype if args.dtype != 'auto' else ('f32' if platform == 'cpu' else 'bf16')
+  config.model.compute_dtype = DTYPES[dtype]
+  config.train.batch_size = args.batch_size
+  config.data.crop_size = args.crop
+  config.train.peak_flops = args.peak_flops
+  return config
+
+
+def time_calls(call: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+  """Wall time of each of `steps` calls after `warmup` untimed ones, waiting for each result."""
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def matmul_flops_per_second(n: int, steps: int) -> float:
+  """FLOP/s of a jitted n x n x n float32 matmul on the first device, timed like the train step."""
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key_a, (n, n), jnp.float32)
+  b = jax.random.normal(key_b, (n, n), jnp.float32)
+  matmul = jax.jit(jnp.dot)
+  times = time_calls(lambda: matmul(a, b), steps=max(steps, 3), warmup=1)
+  return 2.0 * n ** 3 / statistics.median(times)
+
+
+def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  shape = (config.train.batch_size, config.data.crop_size, config.data.crop_size)
+  labels = rng.integers(0, config.data.num_classes, shape, dtype=np.uint8)
+  labels[:, :, :8] = config.data.ignore_label
+  return {'image': rng.integers(0, 256, (*shape, 3), dtype=np.uint8), 'label': labels}
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+  device = jax.devices()[0]
+  config = make_config(args, device.platform)
+  mesh = sharding.make_mesh(config.mesh, jax.local_devices())
+  rng = np.random.default_rng(0)
+  ratio = config.model.output_stride
+  w = rng.standard_normal((ratio * ratio * config.data.num_classes, config.model.num_components))
+  model = dunet.DUNet(config.model, config.data.num_classes, reconstruction=w.astype(np.float32),
+                      rngs=nnx.Rngs(config.seed))
+  _, params, model_state = checkpoint.split_model(model)
+  tx = train.make_optimizer(config, params)
+  state = (params, model_state, tx.init(params))
+  state_shardings = tuple(sharding.tree_shardings(mesh, part) for part in state)
+  state = jax.device_put(state, state_shardings)
+  steps = train.make_steps(model, config, tx, mesh, state_shardings)
+  batch = sharding.to_global(random_batch(config, rng), mesh)
+
+  start = time.perf_counter()
+  compiled = steps.train.lower(*state, batch).compile()
+  compile_seconds = time.perf_counter() - start
+  flops_per_step = throughput.step_flops(compiled)
+
+  def one_step():
+    nonlocal state
+    *new_state, step_metrics = compiled(*state, batch)
+    state = tuple(new_state)
+    return step_metrics['loss']
+
+  step_times = time_calls(one_step, args.steps, args.warmup)
+  step_time = statistics.median(step_times)
+  achieved = flops_per_step / step_time
+  peak = throughput.resolve_peak_flops(config.train.peak_flops, device)
+  mfu = throughput.mfu(flops_per_step, step_time, mesh.size, peak)
+  result = {
+    'benchmark': 'train_step', 'preset': args.preset, 'backend': device.platform,
+    'device_kind': device.device_kind, 'num_devices': mesh.size, 'batch_size': args.batch_size,
+    'crop': args.crop, 'compute_dtype': config.model.compute_dtype, 'steps': args.steps,
+    'compile_s': round(compile_seconds, 2), 'step_time_s': step_time, 'step_times_s': step_times,
+    'images_per_s': args.batch_size / step_time, 'flops_per_step': flops_per_step,
+    'achieved_flops_per_s': achieved, 'peak_flops_per_device': peak,
+    'mfu': None if np.isnan(mfu) else mfu,
+    'jax_version': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+  if device.platform == 'cpu' and args.matmul_size:
+    matmul = matmul_flops_per_second(args.matmul_size, args.steps)
+    result.update({'matmul_size': args.matmul_size, 'matmul_flops_per_s': matmul,
+                   'fraction_of_matmul': achieved / matmul})
+  return result
+
+
+def main(argv: list[str] | None = None) -> None:
+  print(json.dumps(benchmark(parse_args(argv))))
+
+
+if __name__ == '__main__':
+  main()
