@@ -20,6 +20,7 @@ import pathlib
 import re
 import sys
 
+import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
@@ -130,7 +131,10 @@ def build_backbone(arch_name: str, *, rngs: nnx.Rngs | None = None) -> nnx.Modul
   arch = ARCHS[arch_name]
   rngs = rngs or nnx.Rngs(0)
   if arch.family == 'xception':
-    return xception.Xception(arch.depth, rngs=rngs)
+    model_config = ml_collections.ConfigDict(dict(
+        backbone='xception', depth=arch.depth, base_width=64, stage_blocks=(), output_stride=32,
+        multi_grid=(1, 1, 1), compute_dtype='float32'))
+    return xception.Xception(model_config, rngs=rngs)
   kwargs = {'avg_down': True} if arch.avg_down else {}
   return resnet.ResNet(resnet.STAGE_BLOCKS[arch.depth], stem=arch.stem, rngs=rngs, **kwargs)
 

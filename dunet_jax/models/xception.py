@@ -40,6 +40,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from dunet_jax.models.layers import BN_MOMENTUM, Conv2d
@@ -161,22 +162,26 @@ class XceptionUnit(nnx.Module):
 class Xception(nnx.Module):
   """Aligned Xception backbone: `model(images)` -> {feature name: NHWC array} (see the module docstring).
 
-  depth: 65 or 71. base_width: 64 gives the published widths; smaller scales every width by
-  base_width / 64 (tiny test models). middle_units: middle-flow units (16 in both depths).
-  multi_grid: dilation multipliers of the three convs of the last exit-flow unit.
-  Inputs are normalized images (B, H, W, 3).
+  Reads from `model_config` (config.model): depth (65 | 71), output_stride (8 | 16 | 32),
+  multi_grid (dilation multipliers of the three convs of exb2u1), compute_dtype, base_width
+  (64 gives the published widths; smaller scales every width by base_width / 64, for tiny test
+  models) and stage_blocks (() for 16 middle-flow units, or (n,) for n). Inputs are normalized
+  images (B, H, W, 3).
   """
 
-  def __init__(self, depth: int, *, base_width: int = REFERENCE_WIDTH, middle_units: int = MIDDLE_FLOW_UNITS,
-               output_stride: int = 32, multi_grid: Sequence[int] = (1, 1, 1), dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    output_stride = model_config.output_stride
     if output_stride not in (8, 16, 32):
       raise ValueError(f'model.output_stride must be 8, 16 or 32 for Xception, got {output_stride}')
-    multi_grid = tuple(multi_grid)
+    multi_grid = tuple(model_config.multi_grid)
     if len(multi_grid) != 3:
       raise ValueError(f'model.multi_grid {multi_grid} needs 3 entries for Xception (the convs of exb2u1)')
-    if middle_units < 1:
-      raise ValueError(f'Xception needs at least one middle-flow unit, got {middle_units}')
+    stage_blocks = tuple(model_config.stage_blocks)
+    if len(stage_blocks) > 1 or min(stage_blocks, default=1) < 1:
+      raise ValueError(f'model.stage_blocks {stage_blocks}: for Xception give () or (middle_flow_units,)')
+    middle_units = stage_blocks[0] if stage_blocks else MIDDLE_FLOW_UNITS
+    dtype = jnp.dtype(model_config.compute_dtype)
+    base_width = model_config.base_width
     scale = base_width / REFERENCE_WIDTH
 
     def width(channels: int) -> int:
@@ -187,7 +192,7 @@ class Xception(nnx.Module):
     self._feature_info = {'conv1_1': (width(32), 2), 'conv1_2': (width(64), 2)}
     units = {}
     channels, current_stride, rate = width(64), 2, 1
-    specs = unit_specs(depth, middle_units)
+    specs = unit_specs(model_config.depth, middle_units)
     for index, spec in enumerate(specs):
       spec = dataclasses.replace(spec, widths=tuple(width(w) for w in spec.widths))
       if current_stride == output_stride:
@@ -205,6 +210,7 @@ class Xception(nnx.Module):
       channels = spec.widths[-1]
       self._feature_info[spec.name] = (channels, current_stride)
     self.units = nnx.Dict(units)
+    self.unit_order = tuple(units)  # an nnx.Dict comes back from jit with its keys sorted
     self._feature_info['out'] = (channels, current_stride)
 
   def feature_info(self) -> dict[str, tuple[int, int]]:
@@ -217,8 +223,8 @@ class Xception(nnx.Module):
     features['conv1_1'] = x
     x = self.conv1_2(x)
     features['conv1_2'] = x
-    for name, unit in self.units.items():
-      x, conv_outputs = unit(x)
+    for name in self.unit_order:
+      x, conv_outputs = self.units[name](x)
       for index, output in enumerate(conv_outputs, start=1):
         features[f'{name}c{index}'] = output
       features[name] = x
