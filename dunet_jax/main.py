@@ -5,6 +5,7 @@ processes find each other by themselves; elsewhere pass --coordinator_address, -
 and --process_id to every process.
 """
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -24,6 +25,9 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes, with --coordin
 flags.DEFINE_integer('process_id', None, 'This process\'s index, with --coordinator_address.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+# Errors caused by the user's files or settings: shown as one message, without a traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, FloatingPointError)
+
 
 def _in_multiprocess_cluster() -> bool:
   """A TPU pod slice with several hosts, or a SLURM job with several tasks."""
@@ -41,7 +45,12 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize()
   logging.info('Process %d of %d; %d local / %d global devices (%s).', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except USER_ERRORS as error:
+    if os.environ.get('DUNET_JAX_TRACEBACK'):
+      raise
+    sys.exit(f'dunet_jax: {error}\n(set DUNET_JAX_TRACEBACK=1 to see the traceback)')
 
 
 if __name__ == '__main__':

@@ -50,10 +50,14 @@ def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> opta
   """
   schedule = optax.polynomial_schedule(init_value=config.train.learning_rate, end_value=0.0,
                                        power=config.train.poly_power, transition_steps=config.train.num_steps)
-  decay_mask = jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+  decay_mask = jax.tree_util.tree_map_with_path(lambda path, _: _variable_name(path) == 'kernel', params)
   return optax.chain(optax.add_decayed_weights(config.train.weight_decay, mask=decay_mask),
                      optax.sgd(schedule, momentum=config.train.momentum))
+
+
+def _variable_name(path: tuple) -> str:
+  """The attribute name of the variable a state leaf belongs to ('kernel', 'bias', 'scale', ...)."""
+  return [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)][-1]
 
 
 def create_model(config: ml_collections.ConfigDict, fitted_w: np.ndarray | None) -> dunet.DUNet:
@@ -91,7 +95,7 @@ def make_steps(model: dunet.DUNet, config: ml_collections.ConfigDict, tx: optax.
     (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, model_state, opt_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    return params, model_state, opt_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
   def confusion_step(params, model_state, batch):
     net = nnx.merge(eval_graph, params, model_state, copy=True)
