@@ -61,9 +61,8 @@ def check_manual_dir(data_config: ml_collections.ConfigDict) -> pathlib.Path:
     instructions = _builder_module(data_config).MANUAL_DOWNLOAD_INSTRUCTIONS
     raise FileNotFoundError(
         f'Dataset {data_config.dataset!r}: manual_dir {path} {state}.{instructions}'
-        f'Then point config.data.manual_dir at that folder (--config.data.manual_dir={path}) or run\n'
-        f'  tfds build {data_config.dataset} --imports={BUILDER_MODULES[data_config.dataset]} '
-        f'--manual_dir={path}\n'
+        f'Then pass that folder as --config.data.manual_dir=FOLDER to training, or build first with\n'
+        '  python -m dunet_jax.data.prepare --config=CONFIG --config.data.manual_dir=FOLDER\n'
         'Nothing is downloaded automatically.')
   return path
 

@@ -42,7 +42,7 @@ CONTEXT_59_IDS = (
 NUM_FULL_CLASSES = 459
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
-Put into manual_dir (config.data.manual_dir, or tfds build --manual_dir):
+Put into manual_dir (config.data.manual_dir):
   {VOC2010_ARCHIVE}  (http://host.robots.ox.ac.uk/pascal/VOC/voc2010/), as downloaded or extracted
                  (manual_dir/VOCdevkit/VOC2010/...);
   and the labels, one of: {CONTEXT_ARCHIVE} (https://cs.stanford.edu/~roozbeh/pascal-context/), as

@@ -25,7 +25,7 @@ OFFICIAL_LIST_SIZES = {'VOC train': 1464, 'VOC val': 1449, 'SBD train': 8498, 'S
 OFFICIAL_TRAIN_AUG_SIZE = 10582
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
-Put into manual_dir (config.data.manual_dir, or tfds build --manual_dir):
+Put into manual_dir (config.data.manual_dir):
   {VOC_ARCHIVE}  (http://host.robots.ox.ac.uk/pascal/VOC/voc2012/), as downloaded or extracted
                  (manual_dir/VOCdevkit/VOC2012/...);
   optionally {SBD_ARCHIVE} (SBD, http://home.bharathh.info/pubs/codes/SBD/download.html), as downloaded
