@@ -1,0 +1,279 @@
+"""The tf.data pipeline: exact resume, process sharding, augmentation geometry, eval padding.
+
+Datasets are built in the test with the real TFDS builder (voc_segmentation) from VOC-layout
+trees whose images and labels are chosen so that the pipeline's output can be checked against
+numpy references: iid random labels pin down the exact nearest-neighbour window, and images
+coloured by their label block show that image and label stay aligned through scale/crop/flip.
+"""
+import io
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import synthetic as synthetic_config
+from dunet_jax import metrics
+from dunet_jax.data import datasets, pipeline
+
+PAD_PIXEL = (124, 116, 104)
+
+
+def _data_config(tmp: pathlib.Path, **overrides):
+  data = synthetic_config.get_config('test').data
+  data.manual_dir = str(tmp / 'manual')
+  data.tfds_data_dir = str(tmp / 'tfds')
+  data.pad_pixel = PAD_PIXEL
+  data.update(overrides)
+  return data
+
+
+def _write_voc_tree(root: pathlib.Path, examples: dict[str, tuple[np.ndarray, np.ndarray]],
+                    splits: dict[str, list[str]]) -> None:
+  """VOCdevkit/VOC2012 with high-quality JPEGs and class-id PNGs."""
+  voc = root / 'VOCdevkit' / 'VOC2012'
+  for folder in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'):
+    (voc / folder).mkdir(parents=True)
+  for image_id, (image, label) in examples.items():
+    Image.fromarray(image).save(voc / 'JPEGImages' / f'{image_id}.jpg', quality=98, subsampling=0)
+    Image.fromarray(label, mode='L').save(voc / 'SegmentationClass' / f'{image_id}.png')
+  for split, ids in splits.items():
+    (voc / 'ImageSets' / 'Segmentation' / f'{split}.txt').write_text('\n'.join(ids) + '\n')
+
+
+def _voc_builder(tmp: pathlib.Path, examples, **overrides):
+  ids = sorted(examples)
+  _write_voc_tree(tmp / 'manual', examples, {'train': ids, 'val': ids[:1], 'trainval': ids})
+  config = _data_config(tmp, synthetic=False, builder_config='voc2012', **overrides)
+  return datasets.prepare(config), config
+
+
+@pytest.fixture(scope='module')
+def synthetic(tmp_path_factory):
+  """The built-in dataset, 12 train and 5 val images of 96..160 px."""
+  config = _data_config(tmp_path_factory.mktemp('synthetic'), synthetic_num_train=12,
+                        synthetic_num_val=5)
+  return datasets.prepare(config), config
+
+
+def _stored_labels(builder, split: str) -> list[np.ndarray]:
+  return [example['label'][..., 0] for example in builder.as_dataset(split=split).as_numpy_iterator()]
+
+
+def _take(iterator, count: int) -> list[dict[str, np.ndarray]]:
+  return [next(iterator) for _ in range(count)]
+
+
+def test_resume_is_exact_and_independent_of_parallelism(synthetic):
+  builder, config = synthetic
+  kwargs = dict(split='train', global_batch_size=4, seed=3)
+  full = _take(pipeline.train_batches(builder, config, start_step=0, **kwargs), 6)
+  resumed = _take(pipeline.train_batches(builder, config, start_step=4, num_threads=1, **kwargs), 2)
+  for expected, actual in zip(full[4:], resumed):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(actual[key], expected[key])
+  assert full[0]['image'].shape == (4, config.crop_size, config.crop_size, 3)
+  assert full[0]['label'].shape == (4, config.crop_size, config.crop_size)
+  assert full[0]['image'].dtype == full[0]['label'].dtype == np.uint8
+  # Another seed gives other batches; a far-away step is reached without decoding what precedes.
+  other = next(pipeline.train_batches(builder, config, start_step=0, **{**kwargs, 'seed': 4}))
+  assert not np.array_equal(other['image'], full[0]['image'])
+  far = next(pipeline.train_batches(builder, config, start_step=10**9, **kwargs))
+  assert far['image'].shape == full[0]['image'].shape
+
+
+def test_processes_split_each_global_batch_and_an_epoch_covers_every_example_once(
+    synthetic, tmp_path):
+  builder, _ = synthetic
+  largest = 160  # synthetic images are at most 160 px: at scale 1 each crop holds a whole image
+  config = _data_config(tmp_path, crop_size=largest, min_scale=1.0, max_scale=1.0, flip=False)
+  stored = _stored_labels(builder, 'train')
+  num_examples, global_batch = len(stored), 4
+  steps_per_epoch = num_examples // global_batch
+  kwargs = dict(split='train', global_batch_size=global_batch, seed=0)
+  single = _take(pipeline.train_batches(builder, config, **kwargs), 2 * steps_per_epoch)
+  shares = [_take(pipeline.train_batches(builder, config, process_index=i, process_count=2,
+                                         **kwargs), 2 * steps_per_epoch) for i in range(2)]
+  for step, batch in enumerate(single):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(
+          np.concatenate([shares[0][step][key], shares[1][step][key]]), batch[key])
+
+  def example_index(label: np.ndarray) -> int:
+    matches = [i for i, original in enumerate(stored)
+               if np.array_equal(label[:original.shape[0], :original.shape[1]], original)
+               and np.all(label[original.shape[0]:] == 255) and np.all(label[:, original.shape[1]:] == 255)]
+    assert len(matches) == 1
+    return matches[0]
+
+  orders = []
+  for epoch in range(2):
+    epoch_batches = single[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]
+    orders.append([example_index(label) for batch in epoch_batches for label in batch['label']])
+    assert sorted(orders[-1]) == list(range(num_examples))
+  assert orders[0] != orders[1]  # every epoch has its own permutation
+
+
+@pytest.mark.parametrize('scale', [0.6, 1.7])
+def test_label_crop_is_a_nearest_neighbour_window_at_the_requested_scale(tmp_path, scale):
+  rng = np.random.default_rng(0)
+  sizes = [(70, 90), (100, 60), (120, 130)]
+  examples = {f'img{i}': (rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                          rng.integers(0, 21, (h, w), dtype=np.uint8))
+              for i, (h, w) in enumerate(sizes)}
+  crop = 64
+  builder, config = _voc_builder(tmp_path, examples, crop_size=crop, min_scale=scale,
+                                 max_scale=scale, flip=True)
+  labels = {label.shape: label for _, label in examples.values()}
+  flips = 0
+  for batch in _take(pipeline.train_batches(builder, config, split='train', global_batch_size=3,
+                                            seed=1), 4):
+    for image, label in zip(batch['image'], batch['label']):
+      found = _find_window(label, labels, scale, crop)
+      assert found is not None, 'crop is not a nearest-neighbour window of any source label'
+      (rows, cols), flipped = found
+      flips += flipped
+      pad = (slice(rows, None), slice(None)), (slice(None), slice(cols, None))
+      if flipped:
+        pad = (slice(rows, None), slice(None)), (slice(None), slice(None, crop - cols))
+      for region in pad:
+        assert np.all(label[region] == 255)
+        assert np.all(image[region] == PAD_PIXEL)
+  assert 0 < flips < 12
+
+
+def _axis_samples(size: int, scale: float, crop: int) -> tuple[int, int]:
+  """Reference geometry of one axis: (source pixels the crop spans, crop pixels they fill)."""
+  span = round(crop / scale)
+  if span >= size:
+    return size, min(crop, round(size * scale))
+  return span, crop
+
+
+def _find_window(label: np.ndarray, sources: dict, scale: float, crop: int):
+  """Searches every source label and window start for the one the crop samples (numpy reference)."""
+  for (height, width), source in sources.items():
+    (row_span, rows), (col_span, cols) = (_axis_samples(height, scale, crop),
+                                          _axis_samples(width, scale, crop))
+    # Nearest neighbour with half-pixel centres: output i samples floor((i + 0.5) * span / out).
+    row_steps = np.floor((np.arange(rows) + 0.5) * row_span / rows).astype(int)
+    col_steps = np.floor((np.arange(cols) + 0.5) * col_span / cols).astype(int)
+    tops, lefts = [a.ravel() for a in np.meshgrid(np.arange(height - row_span + 1),
+                                                   np.arange(width - col_span + 1), indexing='ij')]
+    for flipped in (False, True):
+      seen = (label[:, ::-1] if flipped else label)[:rows, :cols]
+      candidates = np.ones(tops.shape, bool)
+      for i, j in zip(np.arange(rows) * 7 % rows, np.arange(rows) * 11 % cols):  # prune cheaply
+        candidates &= source[tops + row_steps[i], lefts + col_steps[j]] == seen[i, j]
+      for top, left in zip(tops[candidates], lefts[candidates]):
+        if np.array_equal(seen, source[top + row_steps][:, left + col_steps]):
+          return (rows, cols), flipped
+  return None
+
+
+def test_image_and_label_stay_aligned_through_scale_crop_and_flip(tmp_path):
+  rng = np.random.default_rng(1)
+  colours = rng.permutation(np.array(np.meshgrid([0, 120, 240], [0, 120, 240], [0, 120, 240]))
+                            .reshape(3, -1).T)[:21].astype(np.uint8)
+  examples = {}
+  for i, (h, w) in enumerate([(75, 100), (100, 75), (90, 90)]):
+    blocks = rng.integers(0, 21, (h // 10 + 1, w // 10 + 1), dtype=np.uint8)
+    label = np.kron(blocks, np.ones((10, 10), np.uint8))[:h, :w]
+    examples[f'img{i}'] = (colours[label], label)
+  builder, config = _voc_builder(tmp_path, examples, crop_size=64, min_scale=0.5, max_scale=2.0,
+                                 flip=True, photometric=False)
+  checked = 0
+  for batch in _take(pipeline.train_batches(builder, config, split='train', global_batch_size=3,
+                                            seed=2), 6):
+    for image, label in zip(batch['image'], batch['label']):
+      void = label == 255
+      np.testing.assert_array_equal(image[void], np.broadcast_to(PAD_PIXEL, image[void].shape))
+      # Away from block edges the pixel's nearest colour is its label's colour.
+      padded = np.pad(label, 2, mode='edge')
+      interior = np.ones_like(void)
+      for dy in range(5):
+        for dx in range(5):
+          interior &= padded[dy:dy + 64, dx:dx + 64] == label
+      interior &= ~void
+      distances = np.abs(image[interior][:, None].astype(int) - colours[None].astype(int)).sum(-1)
+      np.testing.assert_array_equal(distances.argmin(-1), label[interior])
+      checked += interior.sum()
+  assert checked > 5000
+
+
+def test_photometric_distortion_changes_colours_but_not_labels_or_padding(synthetic, tmp_path):
+  builder, _ = synthetic
+  kwargs = dict(split='train', global_batch_size=4, seed=5)
+  scales = dict(min_scale=0.2, max_scale=0.4)  # small scales: most crops are partly padding
+  plain = next(pipeline.train_batches(builder, _data_config(tmp_path, **scales), **kwargs))
+  distorted = next(pipeline.train_batches(
+      builder, _data_config(tmp_path, photometric=True, **scales), **kwargs))
+  np.testing.assert_array_equal(distorted['label'], plain['label'])
+  padding = (plain['label'] == 255) & np.all(plain['image'] == PAD_PIXEL, axis=-1)
+  assert padding.mean() > 0.2
+  assert np.all(distorted['image'][padding] == PAD_PIXEL)
+  assert np.abs(distorted['image'][~padding].astype(int) - plain['image'][~padding]).mean() > 3
+
+
+def _decoded_val(builder) -> dict[bytes, dict]:
+  return {example['id']: example for example in builder.as_dataset(split='val').as_numpy_iterator()}
+
+
+def test_eval_keeps_images_whole_and_its_padding_is_never_scored(synthetic):
+  builder, config = synthetic
+  originals = _decoded_val(builder)
+  pad, num_classes = 176, 21
+  per_process = [list(pipeline.eval_batches(builder, config, split='val', global_batch_size=4,
+                                            pad_size=pad, process_index=i, process_count=2))
+                 for i in range(2)]
+  assert len(per_process[0]) == len(per_process[1]) == 2  # ceil(ceil(5 / 2) / 2)
+  rng = np.random.default_rng(0)
+  unmatched = dict(originals)
+  for batches in per_process:
+    for batch in batches:
+      assert batch['image'].shape == (2, pad, pad, 3) and batch['label'].shape == (2, pad, pad)
+      predictions = rng.integers(0, num_classes, batch['label'].shape)
+      expected = np.zeros((num_classes, num_classes), np.int64)
+      for k in range(2):
+        h, w = batch['height'][k], batch['width'][k]
+        if not batch['valid'][k]:
+          assert h == w == 0 and np.all(batch['label'][k] == 255)
+          continue
+        key = next(i for i, o in unmatched.items() if o['label'].shape[:2] == (h, w)
+                   and np.array_equal(o['label'][..., 0], batch['label'][k, :h, :w]))
+        original = unmatched.pop(key)
+        assert np.abs(batch['image'][k, :h, :w].astype(int) - original['image']).max() <= 1
+        assert np.all(batch['label'][k, h:] == 255) and np.all(batch['label'][k, :, w:] == 255)
+        assert np.all(batch['image'][k, h:] == PAD_PIXEL) and np.all(batch['image'][k, :, w:] == PAD_PIXEL)
+        valid_pixels = original['label'][..., 0] != 255
+        np.add.at(expected, (original['label'][..., 0][valid_pixels],
+                             predictions[k, :h, :w][valid_pixels]), 1)
+      confusion = metrics.confusion_matrix(batch['label'], predictions, num_classes)
+      np.testing.assert_array_equal(np.asarray(confusion), expected)
+  assert not unmatched  # every val image exactly once over the two processes
+
+
+def test_labels_only_matches_the_full_eval_pass(synthetic):
+  builder, config = synthetic
+  kwargs = dict(split='val', global_batch_size=2, pad_size=160)
+  full = list(pipeline.eval_batches(builder, config, **kwargs))
+  labels = list(pipeline.eval_batches(builder, config, labels_only=True, **kwargs))
+  assert len(full) == len(labels) == 3
+  for a, b in zip(full, labels):
+    assert 'image' not in b
+    for key in ('label', 'height', 'width', 'valid'):
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_eval_image_larger_than_the_pad_size_names_the_image_and_the_key(synthetic):
+  builder, config = synthetic
+  with pytest.raises(ValueError, match=r'data\.eval_pad_size') as error:
+    list(pipeline.eval_batches(builder, config, split='val', global_batch_size=1, pad_size=96))
+  assert any(image_id.decode() in str(error.value) for image_id in _decoded_val(builder))
+
+
+def test_batch_size_must_divide_over_processes(synthetic):
+  builder, config = synthetic
+  with pytest.raises(ValueError, match=r'train\.batch_size=6'):
+    pipeline.train_batches(builder, config, split='train', global_batch_size=6, seed=0,
+                           process_count=4)
