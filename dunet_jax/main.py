@@ -4,6 +4,7 @@ Rerunning the same command resumes the run in DIR. On a Cloud TPU pod slice or a
 processes find each other by themselves; elsewhere pass --coordinator_address, --num_processes
 and --process_id to every process.
 """
+import logging as std_logging
 import os
 import sys
 
@@ -35,10 +36,16 @@ def _in_multiprocess_cluster() -> bool:
   return ',' in tpu_hosts or int(os.environ.get('SLURM_NTASKS', '1')) > 1
 
 
+def _quiet_library_info(record) -> bool:
+  """Keeps orbax's per-save INFO chatter out of the training log (its warnings still show)."""
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   tf.config.set_visible_devices([], 'GPU')  # tf.data only; accelerators belong to jax
+  logging.get_absl_handler().addFilter(_quiet_library_info)
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif _in_multiprocess_cluster():
