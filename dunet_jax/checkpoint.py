@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -155,9 +154,3 @@ def restore_model(workdir: str | pathlib.Path, step: int | None = None,
   model.eval()
   return model, config, restored_step
 
-
-def finite(tree: Any) -> bool:
-  """True when every floating-point leaf of a (global) tree is finite."""
-  checks = [jax.numpy.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)
-            if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)]
-  return bool(np.all([bool(check) for check in checks]))

@@ -46,6 +46,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   tf.config.set_visible_devices([], 'GPU')  # tf.data only; accelerators belong to jax
   logging.get_absl_handler().addFilter(_quiet_library_info)
+  if FLAGS.coordinator_address or _in_multiprocess_cluster():
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU processes; no effect on TPU/GPU
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif _in_multiprocess_cluster():

@@ -95,7 +95,8 @@ def make_steps(model: dunet.DUNet, config: ml_collections.ConfigDict, tx: optax.
     (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, model_state, opt_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(params)]))
+    return params, model_state, opt_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'finite': finite}
 
   def confusion_step(params, model_state, batch):
     net = nnx.merge(eval_graph, params, model_state, copy=True)
@@ -228,20 +229,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   peak = throughput.resolve_peak_flops(config.train.peak_flops)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   watcher = PreemptionWatcher()
-  pending_losses: list[jax.Array] = []
+  pending_checks: list[tuple[jax.Array, jax.Array]] = []
   last_log = (time.time(), step)
   batch = first_batch
   try:
     while step < num_steps:
       params, model_state, opt_state, step_metrics = compiled(params, model_state, opt_state, batch)
       step += 1
-      pending_losses.append(step_metrics['loss'])
+      pending_checks.append((step_metrics['loss'], step_metrics['finite']))
       report_progress(step)
       is_last = step == num_steps
       stopping = watcher.should_stop(step)
       if step % config.train.log_every == 0 or is_last or stopping or step % config.train.checkpoint_every == 0:
-        _check_finite(pending_losses, step, manager)
-        pending_losses = []
+        _check_finite(pending_checks, step, manager)
+        pending_checks = []
         if step % config.train.log_every == 0 or is_last:
           now = time.time()
           seconds_per_step = (now - last_log[0]) / max(step - last_log[1], 1)
@@ -272,14 +273,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return eval_metrics
 
 
-def _check_finite(losses: list[jax.Array], step: int, manager: Any) -> None:
-  values = np.array([float(loss) for loss in losses])
-  if not np.all(np.isfinite(values)):
-    bad_step = step - len(values) + int(np.argmin(np.isfinite(values))) + 1
+def _check_finite(checks: list[tuple[jax.Array, jax.Array]], step: int, manager: Any) -> None:
+  """Raises if any step since the last check produced a NaN/Inf loss or parameters."""
+  finite = np.array([bool(ok) for _, ok in checks])
+  if not finite.all():
+    first_bad = int(np.argmin(finite))
+    bad_step = step - len(checks) + first_bad + 1
     raise NonFiniteLossError(
-        f'The loss became {values[~np.isfinite(values)][0]} at step {bad_step}. Training stopped; the last good '
-        f'checkpoint (step {manager.latest_step()}) in {manager.directory} is kept. Lower '
-        'config.train.learning_rate or check the data, then rerun to resume from it.')
+        f'The loss or the parameters became NaN/Inf at step {bad_step} (loss {float(checks[first_bad][0])}). '
+        f'Training stopped; the last good checkpoint (step {manager.latest_step()}) in {manager.directory} is '
+        'kept. Lower config.train.learning_rate or check the data, then rerun to resume from it.')
 
 
 def _write_eval(writer: metric_writers.MetricWriter, step: int, result: dict,
