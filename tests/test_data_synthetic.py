@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dunet_jax.data import synthetic
+from configs import default
+from dunet_jax.data import datasets, synthetic
 
 # Published VOC colours (devkit's VOClabelcolormap) for a few indices, and void.
 VOC_COLOURS = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128),
@@ -97,3 +98,19 @@ def test_deterministic_and_splits_independent(tmp_path, generated):
   assert not np.array_equal(_label(other, 'train_000000'), _label(generated, 'train_000000'))
   assert synthetic.is_generated(tmp_path / 'other', 5, 1, 4)
   assert not synthetic.is_generated(tmp_path / 'other', 6, 1, 4)
+
+
+def test_prepare_generates_builds_and_follows_size_changes(tmp_path):
+  config = default.get_config().data
+  config.synthetic, config.train_split = True, 'train'
+  config.manual_dir, config.tfds_data_dir = str(tmp_path / 'manual'), str(tmp_path / 'tfds')
+  config.synthetic_num_train, config.synthetic_num_val = 6, 3
+  builder = datasets.prepare(config)
+  assert builder.info.full_name == 'voc_segmentation/synthetic/1.0.0'
+  assert {s: i.num_examples for s, i in builder.info.splits.items()} == {'train': 6, 'val': 3, 'trainval': 9}
+  assert datasets.class_names(config) == synthetic.CLASS_NAMES
+  config.synthetic_num_train = 8
+  assert datasets.prepare(config).info.splits['train'].num_examples == 8
+  config.num_classes = 20
+  with pytest.raises(ValueError, match='config.data.num_classes=20'):
+    datasets.prepare(config)

@@ -8,6 +8,7 @@ import importlib
 import pathlib
 
 import ml_collections
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -111,7 +112,24 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(path), download_mode=mode, try_download_gcs=False))
   _check_splits(builder, data_config)
+  num_classes = len(class_names(data_config))
+  if data_config.num_classes != num_classes:
+    raise ValueError(f'config.data.num_classes={data_config.num_classes}, but {builder.name} labels '
+                     f'{num_classes} classes here: set --config.data.num_classes={num_classes}')
   return builder
+
+
+def label_lookup(data_config: ml_collections.ConfigDict) -> np.ndarray | None:
+  """A 256-entry uint8 table the pipeline applies to stored labels, or None to keep them.
+
+  Only PASCAL Context with config.data.context_classes=59 needs one (background -> 255).
+  """
+  if data_config.dataset == 'pascal_context' and not data_config.synthetic:
+    if data_config.context_classes not in (59, 60):
+      raise ValueError(f'config.data.context_classes={data_config.context_classes}: use 59 or 60')
+    if data_config.context_classes == 59:
+      return importlib.import_module(BUILDER_MODULES['pascal_context']).context_59_lookup()
+  return None
 
 
 def class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
