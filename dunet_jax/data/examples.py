@@ -22,6 +22,7 @@ class BadFileError(ValueError):
 
   def __init__(self, name: str, reason: str):
     super().__init__(f'{name}: {reason}; {SKIP_HINT}')
+    self.name, self.reason = name, reason
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -137,6 +138,6 @@ def generate(entries: Iterable[Entry], num_classes: int, skip_bad_files: bool,
       if not skip_bad_files:
         raise
       skipped += 1
-      logging.warning('Skipping %s', error)
+      logging.warning('Skipping example %s: %s: %s', entry.image_id, error.name, error.reason)
   if skipped:
     logging.warning('Split %s: skipped %d examples with bad files (skip_bad_files=True).', split, skipped)
