@@ -23,7 +23,7 @@ from flax import nnx
 from PIL import Image
 
 from dunet_jax import checkpoint
-from dunet_jax import score
+from dunet_jax.data import datasets
 from dunet_jax.data import palette
 
 # Predictor pads every image to a multiple of this many pixels (bottom and right, with the
@@ -31,6 +31,8 @@ from dunet_jax.data import palette
 # VOC-sized images (<= 500 px) use at most 4 x 4 compiled shapes.
 SIZE_BUCKET = 128
 WINDOW_OVERLAP = 1 / 3
+# The multi-scale test of DeepLab and the paper (used with flipping).
+MULTISCALE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -189,7 +191,7 @@ class Predictor:
 
   @property
   def class_names(self) -> list[str]:
-    return score.class_names(self.num_classes)
+    return list(datasets.class_names(self.config.data))
 
 
 def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:

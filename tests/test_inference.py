@@ -32,7 +32,7 @@ def numpy_softmax(logits: np.ndarray) -> np.ndarray:
   return exp / exp.sum(-1, keepdims=True)
 
 
-def reference_probabilities(image: np.ndarray, scales, flip: bool) -> np.ndarray:
+def reference_probabilities(image: np.ndarray, scales, flip: bool, logits_fn=toy_logits) -> np.ndarray:
   """One image (H, W, 3): resize, predict, mirror, softmax, resize back, average, in a loop."""
   height, width, _ = image.shape
   outputs = []
@@ -41,9 +41,10 @@ def reference_probabilities(image: np.ndarray, scales, flip: bool) -> np.ndarray
     scaled = np.asarray(jax.image.resize(image.astype(np.float32), (*size, 3), 'linear'))
     for mirrored in [False, True][:2 if flip else 1]:
       inputs = scaled[:, ::-1] if mirrored else scaled
-      logits = np.asarray(toy_logits(jnp.asarray(inputs.copy())[None]))[0]
+      logits = np.asarray(logits_fn(jnp.asarray(inputs.copy())[None]))[0]
       probabilities = numpy_softmax(logits[:, ::-1] if mirrored else logits)
-      outputs.append(np.asarray(jax.image.resize(probabilities, (height, width, NUM_CLASSES), 'linear')))
+      outputs.append(np.asarray(jax.image.resize(probabilities, (height, width, logits.shape[-1]),
+                                                 'linear')))
   return np.mean(outputs, axis=0)
 
 

@@ -1,0 +1,186 @@
+"""Evaluation of a model on a split: single scale, or multi-scale + flip; CLI for checkpoints.
+
+  python -m dunet_jax.evaluate --workdir=RUN [--step=N] [--split=val] [--multiscale]
+      [--config.eval.scales='(0.5,1.0,1.5)'] [--config.eval.flip=True]
+      [--config.eval.sliding_window=True]
+
+Images are scored at their original resolution: each is padded (never resized) to
+data.eval_pad_size, the padding and void pixels are never counted, and one confusion matrix is
+summed over the split (accumulated inside a jitted step over the mesh, batch sharded on dim 0).
+The CLI reads the run's config from RUN/config.json, applies the --config overrides, prints the
+per-class table and writes RUN/eval_<split>_<step>.json.
+"""
+import json
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from dunet_jax import checkpoint
+from dunet_jax import inference
+from dunet_jax import metrics
+from dunet_jax import score
+from dunet_jax import sharding
+from dunet_jax.data import datasets
+from dunet_jax.data import palette
+from dunet_jax.data import pipeline
+
+def image_triplets(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                   ignore_label: int = 255) -> np.ndarray:
+  """image | ground truth | prediction, side by side, uint8 (N, H, 3W, 3) for TensorBoard.
+
+  Pixels void in the ground truth (the padding included) are shown void in the prediction too,
+  so the panels show the same scored region.
+  """
+  predictions = np.where(labels == ignore_label, ignore_label, predictions)
+  return np.concatenate([np.asarray(images, np.uint8), palette.colorize(labels),
+                         palette.colorize(predictions)], axis=2)
+
+
+def make_eval_step(model: nnx.Module, config: ml_collections.ConfigDict, mesh: Mesh, *,
+                   scales: tuple[float, ...], flip: bool, window: int | None):
+  """jit(state, images, labels, valid) -> (confusion int32 (C, C) replicated, predictions)."""
+  model.eval()
+  graphdef, _ = nnx.split(model)
+  num_classes, ignore_label = int(config.data.num_classes), int(config.data.ignore_label)
+
+  def eval_step(state, images, labels, valid):
+    probabilities = inference.multiscale_probabilities(
+        inference.model_logits_fn(graphdef, state), images, scales=scales, flip=flip, window=window)
+    predictions = jnp.argmax(probabilities, axis=-1).astype(jnp.uint8)
+    labels = jnp.where(valid[:, None, None], labels, ignore_label)
+    return metrics.confusion_matrix(labels, predictions, num_classes, ignore_label), predictions
+
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(eval_step, in_shardings=(None, batch, batch, batch),
+                 out_shardings=(sharding.replicated(mesh), batch))
+
+
+def evaluate_model(model: nnx.Module, config: ml_collections.ConfigDict, mesh: Mesh, builder: Any, *,
+                   split: str | None = None, scales: tuple[float, ...] | None = None,
+                   flip: bool | None = None, sliding_window: bool | None = None,
+                   num_images_to_log: int = 0) -> dict:
+  """mIoU, pixel accuracy, per-class IoU and the confusion matrix of `model` on a split.
+
+  Unset arguments come from config.eval (and config.data.eval_split). With
+  num_images_to_log > 0 the result also holds 'images': image | ground truth | prediction
+  triplets (uint8 (N, pad, 3 * pad, 3)) from the first batch, for clu's writer.write_images.
+  Every process must call this (the batches of all processes form each global batch).
+  """
+  split = split or config.data.eval_split
+  scales = tuple(float(s) for s in (config.eval.scales if scales is None else scales))
+  flip = bool(config.eval.flip if flip is None else flip)
+  if sliding_window is None:
+    sliding_window = bool(config.eval.get('sliding_window', False))
+  window = int(config.data.crop_size) if sliding_window else None
+  step = make_eval_step(model, config, mesh, scales=scales, flip=flip, window=window)
+  state = nnx.state(model)
+  confusion = np.zeros((config.data.num_classes,) * 2, np.int64)
+  images, num_images = None, 0
+  for local_batch in pipeline.eval_batches(
+      builder, config.data, split=split, global_batch_size=config.eval.batch_size,
+      pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    batch = sharding.to_global({key: local_batch[key] for key in ('image', 'label', 'valid')}, mesh)
+    batch_confusion, predictions = step(state, batch['image'], batch['label'], batch['valid'])
+    confusion += np.asarray(batch_confusion)
+    num_images += int(local_batch['valid'].sum())
+    if images is None and num_images_to_log > 0:
+      # Global rows start with process 0's local rows, which are the ones shown.
+      predictions = multihost_utils.process_allgather(predictions, tiled=True)
+      count = min(num_images_to_log, int(local_batch['valid'].sum()))
+      images = image_triplets(local_batch['image'][:count], local_batch['label'][:count],
+                              np.asarray(predictions[:count]), config.data.ignore_label)
+  num_images = int(multihost_utils.process_allgather(np.int64(num_images)).sum())
+  result = metrics.scores(confusion)
+  result.update(confusion_matrix=confusion, num_images=num_images, split=split, scales=list(scales),
+                flip=flip, sliding_window=bool(sliding_window))
+  if images is not None:
+    result['images'] = images
+  return result
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+  """Sets flat 'section.key' overrides on a run's recorded config; model keys are refused."""
+  for key, value in overrides.items():
+    if key.startswith('model.'):
+      raise ValueError(f'--config.{key}: the model of a trained run cannot be changed at evaluation; '
+                       'override eval.* or data.* keys only.')
+    *sections, name = key.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = value
+
+
+def json_result(result: dict, class_names: list[str], step: int) -> dict:
+  """The result as written to eval_<split>_<step>.json (NaN IoU of absent classes -> null)."""
+  written = score.json_ready(result)
+  written.update(step=step, split=result['split'], num_images=result['num_images'],
+                 scales=result['scales'], flip=result['flip'], sliding_window=result['sliding_window'],
+                 class_names=class_names, confusion_matrix=np.asarray(result['confusion_matrix']).tolist())
+  return written
+
+
+def evaluate_checkpoint(workdir: str | pathlib.Path, config_overrides: dict[str, Any], *,
+                        step: int | None = None, split: str | None = None) -> tuple[dict, pathlib.Path]:
+  """Restores a run's checkpoint, evaluates it, and writes eval_<split>_<step>.json into workdir."""
+  workdir = pathlib.Path(workdir)
+  config = checkpoint.load_config(workdir)
+  apply_overrides(config, config_overrides)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
+  model, _, restored_step = checkpoint.restore_model(workdir, step, mesh)
+  builder = datasets.prepare(config.data)
+  result = evaluate_model(model, config, mesh, builder, split=split)
+  written = json_result(result, list(datasets.class_names(config.data)), restored_step)
+  path = workdir / f'eval_{result["split"]}_{restored_step}.json'
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(written, indent=1) + '\n')
+  return result, path
+
+
+def define_flags() -> None:
+  """Flags of the CLI, defined only when run as a program so importing this module adds none."""
+  from configs import default
+  from ml_collections import config_flags
+  flags.DEFINE_string('workdir', None, 'Training run directory (holds config.json, checkpoints/).',
+                      required=True)
+  flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the newest).')
+  flags.DEFINE_string('split', None, 'Split to evaluate (default: the run\'s data.eval_split).')
+  flags.DEFINE_bool('multiscale', False, f'Scales {inference.MULTISCALE_SCALES} plus horizontal flip.')
+  config_flags.DEFINE_config_dict('config', default.get_config(),
+                                  'Overrides of the run\'s recorded config, e.g. --config.eval.flip=True.')
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from ml_collections import config_flags
+  options = flags.FLAGS
+  overrides = dict(config_flags.get_override_values(options['config']))
+  if options.multiscale:
+    overrides.update({'eval.scales': inference.MULTISCALE_SCALES, 'eval.flip': True})
+  try:
+    result, path = evaluate_checkpoint(options.workdir, overrides, step=options.step, split=options.split)
+  except (FileNotFoundError, ValueError) as error:
+    sys.exit(f'error: {error}')
+  config = checkpoint.load_config(options.workdir)
+  print(f'{options.workdir} step {json.loads(path.read_text())["step"]}, {result["split"]}: {result["num_images"]} images, scales {result["scales"]}, '
+        f'flip {result["flip"]}, sliding window {result["sliding_window"]}')
+  print(metrics.format_table(result, list(datasets.class_names(config.data))))
+  logging.info('Wrote %s', path)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,89 @@
+"""Evaluation over a sharded mesh against a per-image numpy composition on the built-in val split."""
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dunet_jax import checkpoint, evaluate, sharding
+from dunet_jax.data import datasets, palette
+from test_inference import REPO_ROOT, reference_probabilities, tiny_run
+
+
+@pytest.fixture(scope='module')
+def run_and_data(tmp_path_factory):
+  workdir, model = tiny_run(tmp_path_factory.getbasetemp())
+  config = checkpoint.load_config(workdir)
+  builder = datasets.prepare(config.data)
+  mesh = sharding.make_mesh(config.mesh)
+  return workdir, model, config, builder, mesh
+
+
+def reference_confusion(model, config, builder, scales, flip) -> np.ndarray:
+  """Each val image padded to data.eval_pad_size with data.pad_pixel, predicted alone, cropped."""
+  graphdef, state = nnx.split(model)
+  logits_fn = jax.jit(lambda images: nnx.merge(graphdef, state)(images))
+  pad, num_classes = config.data.eval_pad_size, config.data.num_classes
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  for example in builder.as_dataset(split='val').as_numpy_iterator():
+    label = example['label'][..., 0]
+    height, width = label.shape
+    padded = np.empty((pad, pad, 3), np.float32)
+    padded[:] = config.data.pad_pixel
+    padded[:height, :width] = example['image']
+    probabilities = reference_probabilities(padded, scales, flip, logits_fn)[:height, :width]
+    valid = label != 255
+    np.add.at(confusion, (label[valid], probabilities.argmax(-1)[valid]), 1)
+  return confusion
+
+
+@pytest.mark.parametrize('scales, flip', [((1.0,), False), ((0.5, 1.25), True)])
+def test_evaluate_model_equals_per_image_composition(run_and_data, scales, flip):
+  _, model, config, builder, mesh = run_and_data
+  result = evaluate.evaluate_model(model, config, mesh, builder, split='val', scales=scales, flip=flip,
+                                   num_images_to_log=2)
+  expected = reference_confusion(model, config, builder, scales, flip)
+  # Batched and per-image float32 sums may flip the argmax of near-ties: allow 0.1% of pixels.
+  assert result['confusion_matrix'].sum() == expected.sum()
+  assert np.abs(result['confusion_matrix'] - expected).sum() <= 2e-3 * expected.sum()
+  assert result['num_images'] == config.data.synthetic_num_val
+  images = result['images']
+  pad = config.data.eval_pad_size
+  assert images.shape == (2, pad, 3 * pad, 3) and images.dtype == np.uint8
+  first = next(builder.as_dataset(split='val').as_numpy_iterator())
+  height, width = first['label'].shape[:2]
+  np.testing.assert_array_equal(images[0, :height, :width], first['image'])
+  np.testing.assert_array_equal(images[0, :height, pad:pad + width], palette.colorize(first['label'][..., 0]))
+  void = palette.colorize(np.full((pad - height, pad), 255, np.uint8))
+  np.testing.assert_array_equal(images[0, height:, 2 * pad:], void)  # padding is shown void
+
+
+def test_sliding_window_evaluation_runs_over_crops(run_and_data):
+  _, model, config, builder, mesh = run_and_data
+  assert config.data.crop_size < config.data.eval_pad_size
+  whole = evaluate.evaluate_model(model, config, mesh, builder, split='val')
+  windows = evaluate.evaluate_model(model, config, mesh, builder, split='val', sliding_window=True)
+  assert windows['sliding_window'] and windows['confusion_matrix'].sum() == whole['confusion_matrix'].sum()
+  assert not np.array_equal(windows['confusion_matrix'], whole['confusion_matrix'])
+
+
+def test_cli_writes_json_with_overrides(run_and_data):
+  workdir, model, config, builder, mesh = run_and_data
+  completed = subprocess.run(
+      [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}', '--config.eval.scales=(0.75,1.0)',
+       '--config.eval.flip=True'], cwd=REPO_ROOT, capture_output=True, text=True)
+  assert completed.returncode == 0, completed.stderr
+  written = json.loads((workdir / 'eval_val_5.json').read_text())
+  assert written['scales'] == [0.75, 1.0] and written['flip'] and written['step'] == 5
+  assert written['class_names'] == list(datasets.class_names(config.data))
+  expected = evaluate.evaluate_model(model, config, mesh, builder, scales=(0.75, 1.0), flip=True)
+  assert written['miou'] == pytest.approx(expected['miou'], abs=2e-3)
+  assert 'mIoU' in completed.stdout and written['class_names'][1] in completed.stdout
+
+  refused = subprocess.run(
+      [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}', '--config.model.depth=101'],
+      cwd=REPO_ROOT, capture_output=True, text=True)
+  assert refused.returncode != 0 and '--config.model.depth' in refused.stderr
