@@ -6,7 +6,6 @@ augmentation are pure functions of the seed and the step, so a resumed run sees 
 uninterrupted one would), saves and exits cleanly on SIGTERM, and stops on a NaN or Inf loss
 without overwriting the last good checkpoint.
 """
-import dataclasses
 import itertools
 import pathlib
 import signal
@@ -24,7 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dunet_jax import checkpoint, metrics, reconstruction, sharding, throughput
+from dunet_jax import checkpoint, evaluate, metrics, reconstruction, sharding, throughput
 from dunet_jax.data import datasets, pipeline
 from dunet_jax.models import dunet
 
@@ -69,22 +68,12 @@ def create_model(config: ml_collections.ConfigDict, fitted_w: np.ndarray | None)
   return model
 
 
-@dataclasses.dataclass
-class Steps:
-  """The jitted steps of one model; `train` donates its state buffers."""
-  train: Callable[..., Any]
-  confusion: Callable[..., Any]
-
-
-def make_steps(model: dunet.DUNet, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-               mesh: Mesh, state_shardings: tuple[Any, Any, Any]) -> Steps:
-  """Builds the train step (loss, grads, SGD, new BatchNorm statistics) and the eval step."""
+def make_train_step(model: dunet.DUNet, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                    mesh: Mesh, state_shardings: tuple[Any, Any, Any]) -> Callable[..., Any]:
+  """The jitted train step: loss, grads, SGD update and new BatchNorm statistics; donates the state."""
   model.train()
   train_graph = nnx.graphdef(model)
-  model.eval()
-  eval_graph = nnx.graphdef(model)
   ignore_label = config.data.ignore_label
-  num_classes = config.data.num_classes
 
   def train_step(params, model_state, opt_state, batch):
     def loss_fn(params, model_state):
@@ -98,32 +87,9 @@ def make_steps(model: dunet.DUNet, config: ml_collections.ConfigDict, tx: optax.
     finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(params)]))
     return params, model_state, opt_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'finite': finite}
 
-  def confusion_step(params, model_state, batch):
-    net = nnx.merge(eval_graph, params, model_state, copy=True)
-    predictions = jnp.argmax(net(batch['image']), axis=-1)
-    labels = jnp.where(batch['valid'][:, None, None], batch['label'], ignore_label)
-    return metrics.confusion_matrix(labels, predictions, num_classes, ignore_label)
-
   batch = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
-  train = jax.jit(train_step, in_shardings=(*state_shardings, batch),
-                  out_shardings=(*state_shardings, replicated), donate_argnums=(0, 1, 2))
-  confusion = jax.jit(confusion_step, in_shardings=(state_shardings[0], state_shardings[1], batch),
-                      out_shardings=replicated)
-  return Steps(train=train, confusion=confusion)
-
-
-def evaluate(steps: Steps, params: Any, model_state: Any, builder: Any, config: ml_collections.ConfigDict,
-             mesh: Mesh) -> dict:
-  """Single-scale mIoU at each image's original resolution (padding is void, never scored)."""
-  total = np.zeros((config.data.num_classes,) * 2, np.int64)
-  for local_batch in pipeline.eval_batches(
-      builder, config.data, split=config.data.eval_split, global_batch_size=config.eval.batch_size,
-      pad_size=config.data.eval_pad_size, process_index=jax.process_index(), process_count=jax.process_count()):
-    global_batch = sharding.to_global(
-        {key: local_batch[key] for key in ('image', 'label', 'valid')}, mesh)
-    total += np.asarray(steps.confusion(params, model_state, global_batch))
-  return metrics.scores(total)
+  return jax.jit(train_step, in_shardings=(*state_shardings, batch),
+                 out_shardings=(*state_shardings, sharding.replicated(mesh)), donate_argnums=(0, 1, 2))
 
 
 def fit_or_load_w(config: ml_collections.ConfigDict, workdir: pathlib.Path, builder: Any,
@@ -212,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     params, model_state, opt_state = items['params'], items['model_state'], items['opt_state']
     logging.info('Resumed from %s at step %d.', manager.directory, step)
 
-  steps = make_steps(model, config, tx, mesh, state_shardings)
+  train_step = make_train_step(model, config, tx, mesh, state_shardings)
   num_steps = config.train.num_steps
   eval_metrics: dict = {}
   if step >= num_steps:
@@ -224,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       builder, config.data, split=config.data.train_split, global_batch_size=config.train.batch_size,
       seed=config.seed, start_step=step, process_index=jax.process_index(), process_count=jax.process_count())
   first_batch = sharding.to_global(next(batches), mesh)
-  compiled = steps.train.lower(params, model_state, opt_state, first_batch).compile()
+  compiled = train_step.lower(params, model_state, opt_state, first_batch).compile()
   flops_per_step = throughput.step_flops(compiled)
   peak = throughput.resolve_peak_flops(config.train.peak_flops)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
@@ -261,7 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         break
       if step % config.train.eval_every == 0 or is_last:
         with report_progress.timed('eval'):
-          eval_metrics = evaluate(steps, params, model_state, builder, config, mesh)
+          eval_model = nnx.merge(nnx.graphdef(model), params, model_state)
+          eval_metrics = evaluate.evaluate_model(eval_model, config, mesh, builder,
+                                                 num_images_to_log=config.eval.num_images_to_log)
         _write_eval(writer, step, eval_metrics, config)
       if not is_last:
         batch = sharding.to_global(next(batches), mesh)
@@ -292,5 +260,7 @@ def _write_eval(writer: metric_writers.MetricWriter, step: int, result: dict,
   scalars.update({f'eval/iou/{name}': iou for name, iou in zip(names, result['per_class_iou'])
                   if not np.isnan(iou)})
   writer.write_scalars(step, scalars)
+  if 'images' in result:
+    writer.write_images(step, {'eval/image_truth_prediction': result['images']})
   logging.info('Evaluation at step %d on %s:\n%s', step, config.data.eval_split,
                metrics.format_table(result, names))

@@ -7,7 +7,6 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -38,11 +37,11 @@ def _run_steps(config, mesh, batches, fitted_w):
   state = (params, model_state, tx.init(params))
   shardings = tuple(sharding.tree_shardings(mesh, part) for part in state)
   params, model_state, opt_state = jax.device_put(state, shardings)
-  steps = train.make_steps(model, config, tx, mesh, shardings)
+  train_step = train.make_train_step(model, config, tx, mesh, shardings)
   losses = []
   for batch in batches:
-    params, model_state, opt_state, step_metrics = steps.train(params, model_state, opt_state,
-                                                               sharding.to_global(batch, mesh))
+    params, model_state, opt_state, step_metrics = train_step(params, model_state, opt_state,
+                                                              sharding.to_global(batch, mesh))
     losses.append(float(step_metrics['loss']))
   return losses, jax.device_get(nnx.to_pure_dict(params)), jax.device_get(nnx.to_pure_dict(model_state)), \
       jax.device_get(opt_state)
@@ -102,9 +101,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
   state = (params, model_state, tx.init(params))
   shardings = tuple(sharding.tree_shardings(mesh, part) for part in state)
   params, model_state, opt_state = jax.device_put(state, shardings)
-  steps = train.make_steps(model, config, tx, mesh, shardings)
-  params, model_state, opt_state, _ = steps.train(params, model_state, opt_state,
-                                                  sharding.to_global(_random_batch(config), mesh))
+  train_step = train.make_train_step(model, config, tx, mesh, shardings)
+  params, model_state, opt_state, _ = train_step(params, model_state, opt_state,
+                                                 sharding.to_global(_random_batch(config), mesh))
   manager = checkpoint.make_manager(tmp_path)
   checkpoint.save(manager, 1, params, model_state, opt_state)
   manager.wait_until_finished()

@@ -1,0 +1,156 @@
+"""Preemption, crashes, corrupt checkpoints, NaN losses and multi-process training, end to end.
+
+Every run is a real `python -m dunet_jax.main` process on the built-in test preset. The
+uninterrupted reference run is shared by the tests; each disturbed run must end with exactly
+the reference's parameters (same devices, same program), or, across process layouts, equal to
+float tolerance.
+"""
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dunet_jax import checkpoint
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUM_STEPS = 40
+CHECKPOINT_EVERY = 10
+
+
+def _command(workdir, data_dir, *overrides, extra_flags=()):
+  return [sys.executable, '-m', 'dunet_jax.main', '--config=configs/synthetic.py:test', f'--workdir={workdir}',
+          f'--config.data.manual_dir={data_dir}/manual', f'--config.data.tfds_data_dir={data_dir}/tfds',
+          f'--config.train.num_steps={NUM_STEPS}', f'--config.train.checkpoint_every={CHECKPOINT_EVERY}',
+          '--config.train.keep_checkpoints=10', '--config.train.eval_every=1000', *overrides, *extra_flags]
+
+
+def _env(devices=1):
+  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+
+
+def _run(workdir, data_dir, *overrides, devices=1, check=True):
+  return subprocess.run(_command(workdir, data_dir, *overrides), cwd=REPO_ROOT, env=_env(devices),
+                        capture_output=True, text=True, check=check, timeout=600)
+
+
+def _steps(workdir) -> list[int]:
+  folder = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def _params(workdir, step=None):
+  model, _, restored_step = checkpoint.restore_model(workdir, step)
+  return restored_step, jax.device_get(nnx.to_pure_dict(nnx.state(model)))
+
+
+def _start(workdir, data_dir, devices=1):
+  return subprocess.Popen(_command(workdir, data_dir), cwd=REPO_ROOT, env=_env(devices),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(process, workdir, step):
+  while step not in _steps(workdir):
+    assert process.poll() is None, f'run ended before checkpoint {step}:\n{process.stdout.read()[-3000:]}'
+    time.sleep(0.02)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('data')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, data_dir):
+  """An uninterrupted run: its checkpoint at NUM_STEPS is what every disturbed run must reproduce."""
+  workdir = tmp_path_factory.mktemp('reference') / 'run'
+  _run(workdir, data_dir)
+  return workdir
+
+
+def test_sigterm_saves_then_sigkill_resume_equals_uninterrupted(reference, data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  first = _start(workdir, data_dir)
+  _wait_for_checkpoint(first, workdir, CHECKPOINT_EVERY)
+  first.send_signal(signal.SIGTERM)
+  output = first.communicate(timeout=300)[0]
+  assert first.returncode == 0, output[-3000:]
+  stopped = int(output.split('Stopped at step ')[1].split()[0])
+  assert CHECKPOINT_EVERY <= stopped < NUM_STEPS and _steps(workdir)[-1] == stopped
+
+  second = _start(workdir, data_dir)
+  _wait_for_checkpoint(second, workdir, 2 * CHECKPOINT_EVERY if stopped < 2 * CHECKPOINT_EVERY else 3 * CHECKPOINT_EVERY)
+  second.kill()
+  second.communicate(timeout=60)
+  assert second.returncode == -signal.SIGKILL
+
+  _run(workdir, data_dir)
+  step, resumed = _params(workdir)
+  reference_step, expected = _params(reference)
+  assert step == reference_step == NUM_STEPS
+  jax.tree.map(np.testing.assert_array_equal, resumed, expected)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  for path in (workdir / 'checkpoints' / str(NUM_STEPS) / 'params').rglob('*'):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(b'\0' * 7)
+  result = _run(workdir, data_dir)
+  assert f'Checkpoint step {NUM_STEPS}' in result.stderr and 'unreadable' in result.stderr
+  assert f'at step {NUM_STEPS - CHECKPOINT_EVERY}' in result.stderr  # resumed from the previous one
+  step, redone = _params(workdir)
+  jax.tree.map(np.testing.assert_array_equal, redone, _params(reference)[1])
+  assert step == NUM_STEPS
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  result = _run(workdir, data_dir, '--config.train.learning_rate=1e30', '--config.train.checkpoint_every=1',
+                check=False)
+  assert result.returncode != 0
+  message = result.stderr.strip().splitlines()
+  assert any('NaN/Inf at step' in line for line in message), result.stderr[-2000:]
+  good = _steps(workdir)
+  assert good, 'no good checkpoint was kept'
+  bad_step = int(result.stderr.split('NaN/Inf at step ')[1].split()[0])
+  assert good[-1] == bad_step - 1
+  _, params = _params(workdir)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, data_dir):
+  """2 processes x 2 CPU devices (gloo) train like 1 process x 4 devices on the same global batch."""
+  steps = ['--config.train.num_steps=4', '--config.train.checkpoint_every=4']
+  single = tmp_path / 'single'
+  _run(single, data_dir, *steps, devices=4)
+  multi = tmp_path / 'multi'
+  address = f'localhost:{_free_port()}'
+  processes = [subprocess.Popen(
+      _command(multi, data_dir, *steps, extra_flags=(f'--coordinator_address={address}', '--num_processes=2',
+                                                      f'--process_id={index}')),
+      cwd=REPO_ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for index in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-3000:]
+  assert 'Process 1 of 2' in outputs[1] and '4 global devices' in outputs[0]
+  step_single, expected = _params(single)
+  step_multi, got = _params(multi)
+  assert step_single == step_multi == 4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), got, expected)
