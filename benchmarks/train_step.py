@@ -5,8 +5,9 @@
 
 Reports the median step time, images/s, model FLOPs per step (XLA cost analysis of the compiled
 step, 2 per multiply-add), achieved FLOP/s and MFU against the chip's peak. On CPU, where a peak
-means little, it also times a large float32 matmul the same way in the same run and reports the
-fraction of that FLOP/s the step reaches: a ratio that survives the noise of shared machines.
+means little, it also times a large float32 matmul right after each step and reports the fraction
+of the matmul's FLOP/s the step reaches, by wall time (the figure that matters on an idle machine)
+and by process CPU time (which other processes on a shared machine disturb much less).
 The batch is split over all local devices; images and labels are random (speed does not depend
 on their values).
 """
@@ -73,26 +74,20 @@ def make_config(args: argparse.Namespace, platform: str):
   return config
 
 
-def time_calls(call: Callable[[], Any], steps: int, warmup: int) -> list[float]:
-  """Wall time of each of `steps` calls after `warmup` untimed ones, waiting for each result."""
-  for _ in range(warmup):
-    jax.block_until_ready(call())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    times.append(time.perf_counter() - start)
-  return times
+def timed(call: Callable[[], Any]) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds) of one call, waiting for its result."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  jax.block_until_ready(call())
+  return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def matmul_flops_per_second(n: int, steps: int) -> float:
-  """FLOP/s of a jitted n x n x n float32 matmul on the first device, timed like the train step."""
+def make_matmul(n: int) -> Callable[[], jax.Array]:
+  """A jitted n x n x n float32 matmul on the first device: the CPU's attainable FLOP/s."""
   key_a, key_b = jax.random.split(jax.random.key(0))
   a = jax.random.normal(key_a, (n, n), jnp.float32)
   b = jax.random.normal(key_b, (n, n), jnp.float32)
   matmul = jax.jit(jnp.dot)
-  times = time_calls(lambda: matmul(a, b), steps=max(steps, 3), warmup=1)
-  return 2.0 * n ** 3 / statistics.median(times)
+  return lambda: matmul(a, b)
 
 
 def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -130,7 +125,20 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     state = tuple(new_state)
     return step_metrics['loss']
 
-  step_times = time_calls(one_step, args.steps, args.warmup)
+  matmul = make_matmul(args.matmul_size) if device.platform == 'cpu' and args.matmul_size else None
+  for _ in range(args.warmup):
+    jax.block_until_ready(one_step())
+    if matmul:
+      jax.block_until_ready(matmul())
+  step_times, step_cpu_times, matmul_times, matmul_cpu_times = [], [], [], []
+  for _ in range(args.steps):
+    wall, cpu = timed(one_step)
+    step_times.append(wall)
+    step_cpu_times.append(cpu)
+    if matmul:  # right after each step, so that both see the same load on a shared machine
+      wall, cpu = timed(matmul)
+      matmul_times.append(wall)
+      matmul_cpu_times.append(cpu)
   step_time = statistics.median(step_times)
   achieved = flops_per_step / step_time
   peak = throughput.resolve_peak_flops(config.train.peak_flops, device)
@@ -145,10 +153,16 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     'mfu': None if np.isnan(mfu) else mfu,
     'jax_version': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
-  if device.platform == 'cpu' and args.matmul_size:
-    matmul = matmul_flops_per_second(args.matmul_size, args.steps)
-    result.update({'matmul_size': args.matmul_size, 'matmul_flops_per_s': matmul,
-                   'fraction_of_matmul': achieved / matmul})
+  if matmul:
+    matmul_flops = 2.0 * args.matmul_size ** 3
+    matmul_rate = matmul_flops / statistics.median(matmul_times)
+    cpu_ratio = (flops_per_step / statistics.median(step_cpu_times)) / (
+        matmul_flops / statistics.median(matmul_cpu_times))
+    result.update({'matmul_size': args.matmul_size, 'matmul_flops_per_s': matmul_rate,
+                   'matmul_times_s': matmul_times, 'fraction_of_matmul': achieved / matmul_rate,
+                   'fraction_of_matmul_cpu_time': cpu_ratio,
+                   'step_cpu_s': statistics.median(step_cpu_times),
+                   'matmul_cpu_s': statistics.median(matmul_cpu_times)})
   return result
 
 
