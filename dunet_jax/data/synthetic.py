@@ -25,7 +25,8 @@ MIN_OBJECT, MAX_OBJECT = 24, 64    # object extent in pixels (bars are longer an
 VOID_WIDTH = 1                     # pixels on each side of an instance boundary marked 255
 JPEG_QUALITY = 90
 COLOUR_FAMILY_HUES = (0.0, 0.14, 0.33, 0.58, 0.8)  # red, yellow, green, blue, purple
-HOME_COLOUR_PROBABILITY = 0.75
+HOME_COLOUR_PROBABILITY = 0.85
+BACKGROUND_GREYING = 0.4           # backgrounds are less saturated than objects (but share their hues)
 MARKER_FILE = 'synthetic.json'     # written last: its presence means the tree is complete
 
 
@@ -126,10 +127,11 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
   """Smooth colour field, an optional faint texture, then small clutter (dots and thin lines)."""
   grid = rng.uniform(0, 255, size=(rng.integers(2, 6), rng.integers(2, 6), 3)).astype(np.uint8)
   field = np.asarray(Image.fromarray(grid).resize((width, height), Image.BILINEAR), np.float32)
+  field = (1 - BACKGROUND_GREYING) * field + BACKGROUND_GREYING * field.mean(axis=-1, keepdims=True)
   if rng.random() < 0.6:
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     pattern = _texture(rng, x, y, _random_colour(rng), _random_colour(rng))
-    alpha = rng.uniform(0.2, 0.5)
+    alpha = rng.uniform(0.15, 0.4)
     field = (1 - alpha) * field + alpha * pattern
   canvas = Image.fromarray(field.clip(0, 255).astype(np.uint8))
   draw = ImageDraw.Draw(canvas)
