@@ -49,8 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.fuse_features = ('b1u2c3',)  # paper's layer names of low-level features to fuse
   model.fuse_channels = 48           # 1x1 conv width of each fused low-level feature
   model.decoder_channels = 256       # width of the decoder's 3x3 convs
+  model.fuse_convs = 0               # 3x3 conv + BN + ReLU layers (decoder_channels) in each fused feature's branch
   model.decoder_convs = 2            # 3x3 conv + BN + ReLU layers between the fusion and the 1x1 conv to C'
-  model.separable_convs = False      # depthwise-separable 3x3 convs in ASPP and decoders (DeepLabV3+)
+  model.separable_convs = False      # depthwise-separable 3x3 convs in the decoders (DeepLabV3+'s)
   model.head_init_std = 0.1          # Gaussian init of new layers (the paper's 'variance 0.01')
   model.num_components = 64          # C': the compressed label dimension DUpsample predicts
   model.train_w = False              # W is fixed from the labels (paper); True lets it train

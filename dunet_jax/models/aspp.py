@@ -22,10 +22,10 @@ class ASPP(nnx.Module):
   """(B, h, w, in_channels) -> (B, h, w, channels)."""
 
   def __init__(self, in_channels: int, channels: int, rates: tuple[int, ...], *,
-               separable: bool = False, kernel_init: Callable, dtype, rngs: nnx.Rngs):
+               kernel_init: Callable, dtype, rngs: nnx.Rngs):
     def conv(cin, kernel_size, dilation=1):
-      return ConvBNReLU(cin, channels, kernel_size, dilation=dilation, separable=separable,
-                        kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+      return ConvBNReLU(cin, channels, kernel_size, dilation=dilation, kernel_init=kernel_init,
+                        dtype=dtype, rngs=rngs)
     self.branches = nnx.List([conv(in_channels, 1)] + [conv(in_channels, 3, r) for r in rates])
     self.image_pooling = conv(in_channels, 1)
     self.project = conv(channels * (len(rates) + 2), 1)

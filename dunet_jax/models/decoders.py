@@ -6,6 +6,7 @@
   compression: each output position summarises exactly the r x r patch whose labels it predicts;
   a strided conv would add parameters and FLOPs at high resolution, which is what the fusion
   decoder is designed to avoid), reduced by a 1x1 conv + BN + ReLU to model.fuse_channels,
+  followed by model.fuse_convs 3x3 conv + BN + ReLU layers of model.decoder_channels of its own,
   concatenated with the last feature (the ASPP output when model.aspp), passed through
   model.decoder_convs 3x3 conv + BN + ReLU layers of model.decoder_channels, and a 1x1 conv (with
   bias, no BN / ReLU: codes are signed) to C' = model.num_components; then DUpsample.
@@ -53,10 +54,18 @@ class FusionDecoder(nnx.Module):
     self.fuse_names = tuple(config.fuse_features)
     _check_fuse_features(self.fuse_names, feature_info, need_one=False)
     self.pool_factors = tuple(self.high_stride // feature_info[name][1] for name in self.fuse_names)
-    self.fuse = nnx.List([
-        ConvBNReLU(feature_info[name][0], config.fuse_channels, 1, kernel_init=kernel_init,
-                   dtype=dtype, rngs=rngs) for name in self.fuse_names])
-    channels = high_channels + config.fuse_channels * len(self.fuse_names)
+    branches = []
+    for name in self.fuse_names:
+      layers = [ConvBNReLU(feature_info[name][0], config.fuse_channels, 1, kernel_init=kernel_init,
+                           dtype=dtype, rngs=rngs)]
+      for index in range(config.fuse_convs):
+        layers.append(ConvBNReLU(config.fuse_channels if index == 0 else config.decoder_channels,
+                                 config.decoder_channels, 3, separable=config.separable_convs,
+                                 kernel_init=kernel_init, dtype=dtype, rngs=rngs))
+      branches.append(nnx.Sequential(*layers))
+    self.fuse = nnx.List(branches)
+    fused_channels = config.decoder_channels if config.fuse_convs else config.fuse_channels
+    channels = high_channels + fused_channels * len(self.fuse_names)
     convs = []
     for _ in range(config.decoder_convs):
       convs.append(ConvBNReLU(channels, config.decoder_channels, 3, separable=config.separable_convs,

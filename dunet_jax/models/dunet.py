@@ -49,7 +49,6 @@ class DUNet(nnx.Module):
     if model_config.aspp:
       self.aspp = ASPP(high_channels, model_config.aspp_channels,
                        scaled_rates(tuple(model_config.aspp_rates), high_stride),
-                       separable=model_config.separable_convs,
                        kernel_init=head_init(model_config.head_init_std), dtype=dtype, rngs=rngs)
       high_channels = model_config.aspp_channels
     else:

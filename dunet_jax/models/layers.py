@@ -9,6 +9,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # torchvision initialises backbone convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
@@ -86,11 +87,27 @@ class ConvBNReLU(nnx.Module):
     return jax.nn.relu(self.bn(self.conv(x)))
 
 
-def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
-  """Bilinear resize with half-pixel centres (PyTorch align_corners=False), no antialiasing."""
-  if x.shape[1:3] == (height, width):
+def _interpolate_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+  in_size = x.shape[axis]
+  if in_size == size:
     return x
-  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), 'bilinear', antialias=False)
+  position = np.clip((np.arange(size) + 0.5) * in_size / size - 0.5, 0, in_size - 1)
+  low = np.floor(position).astype(np.int32)
+  high = np.minimum(low + 1, in_size - 1)
+  shape = [1] * x.ndim
+  shape[axis] = size
+  fraction = jnp.asarray((position - low).reshape(shape), x.dtype)
+  below, above = jnp.take(x, low, axis=axis), jnp.take(x, high, axis=axis)
+  return below + (above - below) * fraction
+
+
+def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
+  """Bilinear resize of NHWC with half-pixel centres (PyTorch align_corners=False), no antialiasing.
+
+  Two-tap gathers per axis: jax.image.resize computes the same values with dense interpolation
+  matrices, whose FLOPs (O(input x output) per row) would swamp the decoders' cost analysis.
+  """
+  return _interpolate_axis(_interpolate_axis(x, 1, height), 2, width)
 
 
 def average_pool(x: jax.Array, factor: int) -> jax.Array:

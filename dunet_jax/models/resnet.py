@@ -143,7 +143,7 @@ class ResNet(nnx.Module):
         info[f'b{stage}u{unit + 1}c3'] = (in_channels, feature_stride)
       setattr(self, f'layer{stage}', nnx.List(units))
     info['out'] = (in_channels, feature_stride)
-    self._feature_info = info
+    self._feature_info = tuple(info.items())  # hashable: part of the NNX graph definition
 
   def feature_info(self) -> dict[str, tuple[int, int]]:
     """{feature name: (channels, stride w.r.t. the input)} without running the network."""

@@ -1,0 +1,129 @@
+"""PASCAL VOC 2012 (train_aug -> val) presets for the paper's networks.
+
+`--config=configs/voc.py:PRESET` or `configs/voc.py:PRESET,tiny`. The tiny variant keeps every
+layer name the preset fuses (so the same features exist) but shrinks widths, input size and
+steps, and trains on the built-in synthetic data: it is what the CPU tests run.
+
+Presets (R-50 / R-101 use the deep 'v1c' stem, which provides conv1_3; convert timm's
+resnet50c / resnet101c weights, or use `--config.model.stem=standard` with torchvision's):
+  r50_os16, r50_os32                  Table 1: DUpsample, no fusion
+  r50_os16_bilinear, r50_os32_bilinear  Table 1: 1x1 conv + bilinear baseline
+  r50_os16_<fusion>                   Table 2: fusion = conv1_3 | b1u2c3 | b3u6c3 |
+                                      b1u2c3_b3u6c3 | conv1_3_b3u6c3
+  r50_os16_deeplabv3plus_<fusion>     Table 3 vanilla decoder (b1u2c3 | conv1_3_b3u6c3)
+  r101_os8_deeplabv3plus              DeepLabV3+ with ResNet-101 at output stride 8 (b1u2c3)
+  x65_os16                            Xception-65, DUpsample fusing efb2u1c2 + mfb1u16c3
+  x65_os16_<fusion>, x65_os16_deeplabv3plus_<fusion>   Table 3: efb2u1c2 | mfb1u16c3
+  x71_os16                            Xception-71 (PASCAL Context's backbone), as x65_os16
+
+Decoder widths (the paper does not state them; chosen so that XLA's FLOPs match Tables 2/3, see
+benchmarks/flops_tables.py): ASPP of 256 on the backbone; each fused feature pooled down, 1x1
+conv to 48, one 3x3 conv to 256; concatenated with ASPP's output; 1x1 conv to C' = 64; DUpsample.
+The vanilla decoder uses separable 3x3 convs of 256 as DeepLabV3+ does.
+"""
+import ml_collections
+
+from configs import default
+
+FUSIONS = {
+    'conv1_3': ('conv1_3',), 'b1u2c3': ('b1u2c3',), 'b3u6c3': ('b3u6c3',),
+    'b1u2c3_b3u6c3': ('b1u2c3', 'b3u6c3'), 'conv1_3_b3u6c3': ('conv1_3', 'b3u6c3'),
+    'efb2u1c2': ('efb2u1c2',), 'mfb1u16c3': ('mfb1u16c3',),
+    'efb2u1c2_mfb1u16c3': ('efb2u1c2', 'mfb1u16c3'),
+}
+BACKBONES = {'r50': ('resnet', 50), 'r101': ('resnet', 101), 'x65': ('xception', 65),
+             'x71': ('xception', 71)}
+
+
+def _parse(name: str) -> tuple[str, int, str, tuple[str, ...]]:
+  """'r50_os16_deeplabv3plus_b1u2c3' -> ('r50', 16, 'deeplabv3plus', ('b1u2c3',))."""
+  parts = name.split('_')
+  if len(parts) < 2 or parts[0] not in BACKBONES or not parts[1].startswith('os'):
+    raise ValueError(f'Unknown preset {name!r} for configs/voc.py: see the list in its docstring '
+                     '(e.g. r50_os16, r50_os16_b1u2c3, x65_os16, r101_os8_deeplabv3plus)')
+  backbone, output_stride, rest = parts[0], parts[1][2:], '_'.join(parts[2:])
+  decoder = 'dupsample'
+  for candidate in ('bilinear', 'deeplabv3plus'):
+    if rest == candidate or rest.startswith(candidate + '_'):
+      decoder, rest = candidate, rest[len(candidate) + 1:]
+  xception = BACKBONES[backbone][0] == 'xception'
+  if not rest:
+    if decoder == 'bilinear' or (decoder == 'dupsample' and not xception):
+      fusion = ()
+    else:
+      fusion = FUSIONS['efb2u1c2_mfb1u16c3' if xception and decoder == 'dupsample' else
+                       'efb2u1c2' if xception else 'b1u2c3']
+  elif rest in FUSIONS:
+    fusion = FUSIONS[rest]
+  else:
+    raise ValueError(f'Unknown fusion {rest!r} in preset {name!r} for configs/voc.py: '
+                     f'choose from {sorted(FUSIONS)}')
+  if output_stride not in ('8', '16', '32'):
+    raise ValueError(f'Preset {name!r}: the output stride must be os8, os16 or os32')
+  return backbone, int(output_stride), decoder, fusion
+
+
+def _tiny(config: ml_collections.ConfigDict) -> None:
+  """Seconds-long CPU variant on the built-in synthetic data; the fused layer names still exist."""
+  data, model, train = config.data, config.model, config.train
+  data.synthetic = True
+  data.manual_dir = '/tmp/dunet_jax_data/synthetic_tiny/manual'
+  data.tfds_data_dir = '/tmp/dunet_jax_data/synthetic_tiny/tfds'
+  data.synthetic_num_train = 32
+  data.synthetic_num_val = 16
+  data.train_split = 'train'
+  data.eval_split = 'val'
+  data.crop_size = 64
+  data.min_scale = 0.75
+  data.max_scale = 1.5
+  data.eval_pad_size = 96
+  model.base_width = 8
+  model.stage_blocks = (2, 1, 6, 1) if model.backbone == 'resnet' else (16,)
+  model.depth = 0 if model.backbone == 'resnet' else model.depth
+  model.aspp_channels = 16
+  model.fuse_channels = 8
+  model.decoder_channels = 16
+  model.num_components = 16
+  model.compute_dtype = 'float32'
+  train.batch_size = 8
+  train.num_steps = 4
+  train.log_every = 2
+  train.eval_every = 4
+  train.checkpoint_every = 2
+  config.eval.batch_size = 8
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.data.dataset = 'voc_segmentation'
+  config.data.train_split = 'train_aug'
+  config.data.eval_split = 'val'
+  config.data.crop_size = 513
+  names = [part for part in (arg or 'r50_os16').split(',') if part]
+  tiny = 'tiny' in names
+  names = [part for part in names if part != 'tiny']
+  if len(names) != 1:
+    raise ValueError(f'configs/voc.py takes one preset optionally followed by ",tiny", got {arg!r}')
+  backbone, output_stride, decoder, fusion = _parse(names[0])
+
+  model = config.model
+  model.backbone, model.depth = BACKBONES[backbone]
+  model.stage_blocks = ()
+  model.base_width = 64
+  model.stem = 'deep'
+  model.output_stride = output_stride
+  model.multi_grid = (1, 1, 1)
+  model.decoder = decoder
+  model.fuse_features = fusion
+  model.aspp = True
+  model.aspp_channels = 256
+  model.fuse_channels = 48
+  model.decoder_channels = 256
+  model.fuse_convs = 1
+  model.decoder_convs = 0
+  model.separable_convs = decoder == 'deeplabv3plus'
+  model.num_components = 64
+  model.compute_dtype = 'bfloat16'
+  if tiny:
+    _tiny(config)
+  return config
