@@ -92,16 +92,24 @@ class WindowMoments:
     return moment.reshape(self.size, self.size)
 
   def matmul(self, x: np.ndarray) -> np.ndarray:
-    """M @ x for x (N, K), from the blocks and counts (never forms M)."""
+    """M @ x for x (N, K), from the blocks and counts (never forms M): one matmul per class."""
     pixels, num_classes = self.ratio * self.ratio, self.num_classes
-    per_class = x.reshape(pixels, num_classes, -1)
-    out = np.zeros_like(per_class)
-    for (c, d), block in self.blocks.items():
-      out[:, c] += block @ per_class[:, d]
-      if c != d:
-        out[:, d] += block.T @ per_class[:, c]
-    out += self.uniform_counts[None, :, None] * per_class.sum(0, keepdims=True)
-    return out.reshape(x.shape)
+    per_class = x.reshape(pixels, num_classes, -1).transpose(1, 0, 2)
+    out = np.repeat(self.uniform_counts[:, None, None] * per_class.sum(1, keepdims=True), pixels, axis=1)
+    for c, (partners, rows) in self._rows().items():
+      out[c] += rows @ per_class[partners].reshape(len(partners) * pixels, -1)
+    return out.transpose(1, 0, 2).reshape(x.shape)
+
+  def _rows(self) -> dict[int, tuple[list[int], np.ndarray]]:
+    """Per class c: the classes d it meets and [B_cd for those d] side by side (cached)."""
+    if getattr(self, '_cached_rows', None) is None:
+      partners = collections.defaultdict(dict)
+      for (c, d), block in self.blocks.items():
+        partners[c][d] = block
+        partners[d][c] = block.T
+      self._cached_rows = {c: (sorted(row), np.concatenate([row[d] for d in sorted(row)], axis=1))
+                           for c, row in partners.items()}
+    return self._cached_rows
 
 
 def local_mesh(mesh: Mesh | None) -> Mesh:
