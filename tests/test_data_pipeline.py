@@ -133,12 +133,10 @@ def test_label_crop_is_a_nearest_neighbour_window_at_the_requested_scale(tmp_pat
       assert found is not None, 'crop is not a nearest-neighbour window of any source label'
       (rows, cols), flipped = found
       flips += flipped
-      pad = (slice(rows, None), slice(None)), (slice(None), slice(cols, None))
-      if flipped:
-        pad = (slice(rows, None), slice(None)), (slice(None), slice(None, crop - cols))
-      for region in pad:
-        assert np.all(label[region] == 255)
-        assert np.all(image[region] == PAD_PIXEL)
+      for region in (label[rows:], label[:, cols:]):
+        assert np.all(region == 255)
+      for region in (image[rows:], image[:, cols:]):
+        assert np.all(region == PAD_PIXEL)
   assert 0 < flips < 12
 
 
@@ -161,7 +159,7 @@ def _find_window(label: np.ndarray, sources: dict, scale: float, crop: int):
     tops, lefts = [a.ravel() for a in np.meshgrid(np.arange(height - row_span + 1),
                                                    np.arange(width - col_span + 1), indexing='ij')]
     for flipped in (False, True):
-      seen = (label[:, ::-1] if flipped else label)[:rows, :cols]
+      seen = label[:rows, :cols][:, ::-1] if flipped else label[:rows, :cols]
       candidates = np.ones(tops.shape, bool)
       for i, j in zip(np.arange(rows) * 7 % rows, np.arange(rows) * 11 % cols):  # prune cheaply
         candidates &= source[tops + row_steps[i], lefts + col_steps[j]] == seen[i, j]

@@ -161,15 +161,17 @@ def _train_augmentation(data_config: ml_collections.ConfigDict):
   pad_pixel = _pad_pixel(data_config)
 
   def augment(image_bytes, label_bytes, key):
-    uniform = tf.unstack(tf.random.stateless_uniform([_NUM_RANDOM_VALUES], key))
-    shape = tf.io.extract_jpeg_shape(image_bytes)
+    uniform = tf.random.stateless_uniform([_NUM_RANDOM_VALUES], key)
     scale = min_scale + uniform[0] * (max_scale - min_scale)
-    rows = crop_window(shape[0], scale, crop, uniform[1])
-    cols = crop_window(shape[1], scale, crop, uniform[2])
-
-    window = tf.stack([rows.start, cols.start, rows.length, cols.length])
-    image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3, dct_method='INTEGER_FAST')
-    image = tf.image.resize(image, tf.stack([rows.size, cols.size]))
+    window = crop_window(tf.io.extract_jpeg_shape(image_bytes)[:2], scale, crop, uniform[1:3])
+    image = tf.io.decode_and_crop_jpeg(image_bytes, tf.concat([window.start, window.length], 0),
+                                       channels=3, dct_method='INTEGER_FAST')
+    rows, cols = window.nearest_indices(0), window.nearest_indices(1)
+    if flip:  # flipping the window before resizing mirrors the samples exactly
+      flipped = uniform[3] < 0.5
+      image = tf.cond(flipped, lambda: tf.reverse(image, [1]), lambda: image)
+      cols = tf.where(flipped, tf.reverse(cols, [0]), cols)
+    image = tf.image.resize(image, window.size)
     if photometric:
       image = tf.clip_by_value(_photometric_distortion(image, uniform[4:8]), 0, 255)
     # Bilinear samples of uint8 pixels lie in [0, 255]: adding 0.5 and truncating rounds them.
@@ -177,15 +179,8 @@ def _train_augmentation(data_config: ml_collections.ConfigDict):
 
     # Whole-row gathers are copies; transposing makes the column gather one too.
     label = tf.io.decode_png(label_bytes, channels=1)[..., 0]
-    label = tf.transpose(tf.gather(label, rows.nearest_indices()))
-    label = tf.transpose(tf.gather(label, cols.nearest_indices()))
-    label = tf.pad(label, [[0, crop - rows.size], [0, crop - cols.size]],
-                   constant_values=IGNORE_LABEL)
-
-    if flip:
-      flipped = uniform[3] < 0.5
-      image, label = tf.cond(flipped, lambda: (tf.reverse(image, [1]), tf.reverse(label, [1])),
-                             lambda: (image, label))
+    label = tf.transpose(tf.gather(tf.transpose(tf.gather(label, rows)), cols))
+    label = _pad_to(label, crop, tf.constant(IGNORE_LABEL, tf.uint8))
     return {'image': tf.ensure_shape(image, [crop, crop, 3]),
             'label': tf.ensure_shape(label, [crop, crop])}
 
@@ -193,28 +188,27 @@ def _train_augmentation(data_config: ml_collections.ConfigDict):
 
 
 class CropWindow(NamedTuple):
-  """Source pixels [start, start + length) of one image axis become `size` crop pixels."""
+  """Source pixels [start, start + length) become `size` crop pixels; [rows, columns] each."""
   start: tf.Tensor
   length: tf.Tensor
   size: tf.Tensor
 
-  def nearest_indices(self) -> tf.Tensor:
+  def nearest_indices(self, axis: int) -> tf.Tensor:
     """Nearest source pixel of each output pixel (half-pixel centres, in exact integers)."""
-    output = tf.range(self.size)
-    return self.start + (2 * output + 1) * self.length // (2 * self.size)
+    output = tf.range(self.size[axis])
+    return self.start[axis] + (2 * output + 1) * self.length[axis] // (2 * self.size[axis])
 
 
 def crop_window(size: tf.Tensor, scale: tf.Tensor, crop: int, uniform: tf.Tensor) -> CropWindow:
-  """The part of one axis that a `crop`-pixel random crop of the axis scaled by `scale` shows.
+  """The part of an image that a `crop` x `crop` random crop of it scaled by `scale` shows.
 
-  Equivalent to scaling the whole axis, padding it at the end to `crop` and cropping at a uniform
-  random offset, but found in source coordinates so that only the window is decoded and resized:
-  a window of round(crop / scale) source pixels at a uniform random start fills the crop; an axis
-  shorter than that is kept whole, scaled to round(size * scale) pixels, and padded later.
-  `uniform` in [0, 1) picks the start.
+  Per axis, equivalent to scaling the whole axis, padding it at the end to `crop` and cropping at
+  a uniform random offset, but found in source coordinates so that only the window is decoded and
+  resized: a window of round(crop / scale) source pixels at a uniform random start fills the crop;
+  an axis shorter than that is kept whole, scaled to round(size * scale) pixels, and padded later.
+  `size` is [height, width]; `uniform` holds two values in [0, 1) that pick the starts.
   """
   size = tf.cast(size, tf.int32)
-  scale = tf.cast(scale, tf.float32)
   length = tf.cast(tf.round(crop / scale), tf.int32)
   whole_axis = length >= size
   length = tf.where(whole_axis, size, tf.maximum(length, 1))
@@ -237,8 +231,12 @@ def _pad_to(image: tf.Tensor, size: int, value: tf.Tensor) -> tf.Tensor:
   """Pads an image of at most size x size at the bottom and right to size x size with `value`."""
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   channels = image.shape[2:]
-  image = tf.concat([image, tf.broadcast_to(value, [size - height, width, *channels])], 0)
-  return tf.concat([image, tf.broadcast_to(value, [size, size - width, *channels])], 1)
+
+  def pad():
+    rows = tf.concat([image, tf.broadcast_to(value, [size - height, width, *channels])], 0)
+    return tf.concat([rows, tf.broadcast_to(value, [size, size - width, *channels])], 1)
+
+  return tf.cond(tf.logical_and(height == size, width == size), lambda: image, pad)
 
 
 def _pad_pixel(data_config: ml_collections.ConfigDict) -> tf.Tensor:
@@ -269,4 +267,5 @@ def _with_threads(dataset: tf.data.Dataset, num_threads: int | None) -> tf.data.
   options.deterministic = True
   if num_threads:
     options.threading.private_threadpool_size = num_threads
+    options.threading.max_intra_op_parallelism = 1
   return dataset.with_options(options)
