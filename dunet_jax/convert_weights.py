@@ -15,6 +15,7 @@ The output is an uncompressed `.npz` keyed by our parameter paths joined with '/
 `__arch__` and `__source__`.
 """
 import dataclasses
+import functools
 import inspect
 import pathlib
 import re
@@ -139,6 +140,11 @@ def build_backbone(arch_name: str, *, rngs: nnx.Rngs | None = None) -> nnx.Modul
   return resnet.ResNet(resnet.STAGE_BLOCKS[arch.depth], stem=arch.stem, rngs=rngs, **kwargs)
 
 
+@functools.cache
+def _cached_target_shapes(arch_name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+  return tuple(pretrained.parameter_shapes(nnx.eval_shape(lambda: build_backbone(arch_name))).items())
+
+
 def target_shapes(arch_name: str) -> dict[str, tuple[int, ...]]:
   """Shapes our backbone expects for `arch_name`, computed without allocating it."""
   arch = ARCHS[arch_name]
@@ -146,7 +152,7 @@ def target_shapes(arch_name: str) -> dict[str, tuple[int, ...]]:
     raise ConversionError(
         f"--arch={arch_name}: timm's 'd' ResNets shortcut through an average pool, which "
         f'dunet_jax.models.resnet.ResNet does not implement; convert resnet{arch.depth}c weights instead')
-  return pretrained.parameter_shapes(nnx.eval_shape(lambda: build_backbone(arch_name)))
+  return dict(_cached_target_shapes(arch_name))
 
 
 def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -190,7 +196,7 @@ def convert(state_dict: dict[str, np.ndarray], arch_name: str,
       duplicated.append(f'{key} and {sources[path]} -> {path}')
       continue
     sources[path] = key
-    converted[path] = (value.transpose(2, 3, 1, 0) if value.ndim == 4 else value).astype(np.float32)
+    converted[path] = (value.transpose(2, 3, 1, 0) if value.ndim == 4 else value).astype(np.float32, copy=False)
   mismatched = [f'{sources[path]} {tuple(value.shape)} -> {path} expects {expected[path]}'
                 for path, value in converted.items() if tuple(value.shape) != tuple(expected[path])]
   missing = [path for path in expected if path not in converted]

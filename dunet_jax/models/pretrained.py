@@ -9,6 +9,7 @@ named, so a file converted for another architecture or stem never half-loads.
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -48,7 +49,8 @@ def load_backbone_weights(backbone: nnx.Module, path: str | pathlib.Path, *, ver
   """Fills every parameter and BN statistic of `backbone` from `path`; returns the file's arch.
 
   Raises PretrainedWeightsError naming missing, unexpected and mis-shaped keys. Values keep the
-  dtype and sharding the variables already have.
+  dtype and sharding the variables already have; a backbone built with `nnx.eval_shape` is filled
+  without ever allocating its random initialisation.
   """
   path = pathlib.Path(path)
   if not path.is_file():
@@ -79,10 +81,9 @@ def load_backbone_weights(backbone: nnx.Module, path: str | pathlib.Path, *, ver
         f'{path} (converted for --arch={arch}) does not fit {_describe(backbone)}; check '
         'config.model.backbone / depth / stem / base_width / stage_blocks:\n  ' + '\n  '.join(problems))
   for key, variable in variables.items():
-    current = variable[...]
-    value = np.asarray(arrays[key], dtype=current.dtype)
-    sharding = getattr(current, 'sharding', None)
-    variable[...] = jax.device_put(value, sharding) if sharding is not None else value
+    value = np.asarray(arrays[key], dtype=variable.dtype)
+    sharding = getattr(variable, 'sharding', None)  # None for a model built with nnx.eval_shape
+    variable.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
   if verbose:
     num_values = sum(int(array.size) for array in arrays.values())
     print(f'loaded {len(arrays)} tensors ({num_values:,} values) of {arch} (from {source}) into '

@@ -84,6 +84,53 @@ def unit_names(depth: int, middle_units: int = MIDDLE_FLOW_UNITS) -> list[str]:
   return [spec.name for spec in unit_specs(depth, middle_units)]
 
 
+@dataclasses.dataclass(frozen=True)
+class UnitPlan:
+  """A unit as built: its spec (widths scaled), input width, actual stride and per-conv dilations."""
+  spec: UnitSpec
+  in_channels: int
+  stride: int
+  dilations: tuple[int, int, int]
+
+
+def plan(depth: int, *, output_stride: int, multi_grid: Sequence[int] = (1, 1, 1),
+         middle_units: int = MIDDLE_FLOW_UNITS, base_width: int = REFERENCE_WIDTH
+         ) -> tuple[list[UnitPlan], dict[str, tuple[int, int]]]:
+  """The units to build and {feature name: (channels, stride)}, by DeepLab's output-stride rule."""
+  if output_stride not in (8, 16, 32):
+    raise ValueError(f'model.output_stride must be 8, 16 or 32 for Xception, got {output_stride}')
+  multi_grid = tuple(multi_grid)
+  if len(multi_grid) != 3:
+    raise ValueError(f'model.multi_grid {multi_grid} needs 3 entries for Xception (the convs of exb2u1)')
+  if middle_units < 1:
+    raise ValueError(f'Xception needs at least one middle-flow unit, got {middle_units}')
+  scale = base_width / REFERENCE_WIDTH
+
+  def width(channels: int) -> int:
+    return max(1, round(channels * scale))
+
+  info = {'conv1_1': (width(32), 2), 'conv1_2': (width(64), 2)}
+  units = []
+  channels, current_stride, rate = width(64), 2, 1
+  specs = unit_specs(depth, middle_units)
+  for index, spec in enumerate(specs):
+    spec = dataclasses.replace(spec, widths=tuple(width(w) for w in spec.widths))
+    if current_stride == output_stride:
+      stride, unit_rate = 1, rate
+      rate *= spec.stride
+    else:
+      stride, unit_rate = spec.stride, 1
+    grid = multi_grid if index == len(specs) - 1 else (1, 1, 1)
+    units.append(UnitPlan(spec, channels, stride, tuple(unit_rate * g for g in grid)))
+    for conv, conv_width in enumerate(spec.widths, start=1):
+      info[f'{spec.name}c{conv}'] = (conv_width, current_stride * (stride if conv == 3 else 1))
+    current_stride *= stride
+    channels = spec.widths[-1]
+    info[spec.name] = (channels, current_stride)
+  info['out'] = (channels, current_stride)
+  return units, info
+
+
 def _batch_norm(channels: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
   return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
                        param_dtype=jnp.float32, rngs=rngs)
@@ -170,48 +217,22 @@ class Xception(nnx.Module):
   """
 
   def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    output_stride = model_config.output_stride
-    if output_stride not in (8, 16, 32):
-      raise ValueError(f'model.output_stride must be 8, 16 or 32 for Xception, got {output_stride}')
-    multi_grid = tuple(model_config.multi_grid)
-    if len(multi_grid) != 3:
-      raise ValueError(f'model.multi_grid {multi_grid} needs 3 entries for Xception (the convs of exb2u1)')
     stage_blocks = tuple(model_config.stage_blocks)
-    if len(stage_blocks) > 1 or min(stage_blocks, default=1) < 1:
+    if len(stage_blocks) > 1:
       raise ValueError(f'model.stage_blocks {stage_blocks}: for Xception give () or (middle_flow_units,)')
-    middle_units = stage_blocks[0] if stage_blocks else MIDDLE_FLOW_UNITS
+    units, self._feature_info = plan(
+        model_config.depth, output_stride=model_config.output_stride, multi_grid=model_config.multi_grid,
+        middle_units=stage_blocks[0] if stage_blocks else MIDDLE_FLOW_UNITS,
+        base_width=model_config.base_width)
     dtype = jnp.dtype(model_config.compute_dtype)
-    base_width = model_config.base_width
-    scale = base_width / REFERENCE_WIDTH
-
-    def width(channels: int) -> int:
-      return max(1, round(channels * scale))
-
-    self.conv1_1 = ConvBN(3, width(32), 3, stride=2, relu=True, dtype=dtype, rngs=rngs)
-    self.conv1_2 = ConvBN(width(32), width(64), 3, stride=1, relu=True, dtype=dtype, rngs=rngs)
-    self._feature_info = {'conv1_1': (width(32), 2), 'conv1_2': (width(64), 2)}
-    units = {}
-    channels, current_stride, rate = width(64), 2, 1
-    specs = unit_specs(model_config.depth, middle_units)
-    for index, spec in enumerate(specs):
-      spec = dataclasses.replace(spec, widths=tuple(width(w) for w in spec.widths))
-      if current_stride == output_stride:
-        stride, unit_rate = 1, rate
-        rate *= spec.stride
-      else:
-        stride, unit_rate = spec.stride, 1
-      multipliers = multi_grid if index == len(specs) - 1 else (1, 1, 1)
-      units[spec.name] = XceptionUnit(channels, spec, stride=stride,
-                                      dilations=[unit_rate * m for m in multipliers], dtype=dtype, rngs=rngs)
-      for conv_index, conv_width in enumerate(spec.widths, start=1):
-        conv_stride = current_stride * (stride if conv_index == 3 else 1)
-        self._feature_info[f'{spec.name}c{conv_index}'] = (conv_width, conv_stride)
-      current_stride *= stride
-      channels = spec.widths[-1]
-      self._feature_info[spec.name] = (channels, current_stride)
-    self.units = nnx.Dict(units)
-    self.unit_order = tuple(units)  # an nnx.Dict comes back from jit with its keys sorted
-    self._feature_info['out'] = (channels, current_stride)
+    stem_width, stem_stride = self._feature_info['conv1_1']
+    self.conv1_1 = ConvBN(3, stem_width, 3, stride=stem_stride, relu=True, dtype=dtype, rngs=rngs)
+    self.conv1_2 = ConvBN(stem_width, self._feature_info['conv1_2'][0], 3, stride=1, relu=True, dtype=dtype,
+                          rngs=rngs)
+    self.units = nnx.Dict({unit.spec.name: XceptionUnit(unit.in_channels, unit.spec, stride=unit.stride,
+                                                        dilations=unit.dilations, dtype=dtype, rngs=rngs)
+                           for unit in units})
+    self.unit_order = tuple(unit.spec.name for unit in units)  # an nnx.Dict leaves jit with sorted keys
 
   def feature_info(self) -> dict[str, tuple[int, int]]:
     """{feature name: (channels, stride relative to the input)} for every feature `__call__` returns."""
