@@ -8,8 +8,10 @@ Images are scored at their original resolution: each is padded (never resized) t
 data.eval_pad_size, the padding and void pixels are never counted, and one confusion matrix is
 summed over the split (accumulated inside a jitted step over the mesh, batch sharded on dim 0).
 The CLI reads the run's config from RUN/config.json, applies the --config overrides, prints the
-per-class table and writes RUN/eval_<split>_<step>.json.
+per-class table and writes RUN/eval_<split>_<step>.json (tagged with the scales, _flip and
+_window when used, e.g. eval_val_1500_s0.5-0.75-1-1.25-1.5-1.75_flip.json).
 """
+import functools
 import json
 import pathlib
 import sys
@@ -47,13 +49,13 @@ def image_triplets(images: np.ndarray, labels: np.ndarray, predictions: np.ndarr
                          palette.colorize(predictions)], axis=2)
 
 
-def make_eval_step(model: nnx.Module, config: ml_collections.ConfigDict, mesh: Mesh, *,
+@functools.lru_cache(maxsize=8)
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, *, num_classes: int, ignore_label: int,
                    scales: tuple[float, ...], flip: bool, window: int | None):
-  """jit(state, images, labels, valid) -> (confusion int32 (C, C) replicated, predictions)."""
-  model.eval()
-  graphdef, _ = nnx.split(model)
-  num_classes, ignore_label = int(config.data.num_classes), int(config.data.ignore_label)
+  """jit(state, images, labels, valid) -> (confusion int32 (C, C) replicated, predictions).
 
+  Cached, so the periodic evaluations of a training run compile once.
+  """
   def eval_step(state, images, labels, valid):
     probabilities = inference.multiscale_probabilities(
         inference.model_logits_fn(graphdef, state), images, scales=scales, flip=flip, window=window)
@@ -72,7 +74,8 @@ def evaluate_model(model: nnx.Module, config: ml_collections.ConfigDict, mesh: M
                    num_images_to_log: int = 0) -> dict:
   """mIoU, pixel accuracy, per-class IoU and the confusion matrix of `model` on a split.
 
-  Unset arguments come from config.eval (and config.data.eval_split). With
+  Switches the model to eval mode. Unset arguments come from config.eval (and
+  config.data.eval_split). With
   num_images_to_log > 0 the result also holds 'images': image | ground truth | prediction
   triplets (uint8 (N, pad, 3 * pad, 3)) from the first batch, for clu's writer.write_images.
   Every process must call this (the batches of all processes form each global batch).
@@ -83,8 +86,10 @@ def evaluate_model(model: nnx.Module, config: ml_collections.ConfigDict, mesh: M
   if sliding_window is None:
     sliding_window = bool(config.eval.get('sliding_window', False))
   window = int(config.data.crop_size) if sliding_window else None
-  step = make_eval_step(model, config, mesh, scales=scales, flip=flip, window=window)
-  state = nnx.state(model)
+  model.eval()
+  graphdef, state = nnx.split(model)
+  step = make_eval_step(graphdef, mesh, num_classes=int(config.data.num_classes),
+                        ignore_label=int(config.data.ignore_label), scales=scales, flip=flip, window=window)
   confusion = np.zeros((config.data.num_classes,) * 2, np.int64)
   images, num_images = None, 0
   for local_batch in pipeline.eval_batches(
@@ -132,6 +137,15 @@ def json_result(result: dict, class_names: list[str], step: int) -> dict:
   return written
 
 
+def result_file_name(result: dict, step: int) -> str:
+  """eval_<split>_<step>.json, tagged with any test-time augmentation so runs never overwrite."""
+  tags = []
+  if result['scales'] != [1.0]:
+    tags.append('s' + '-'.join(f'{scale:g}' for scale in result['scales']))
+  tags += ['flip'] * result['flip'] + ['window'] * result['sliding_window']
+  return f'eval_{result["split"]}_{step}' + ''.join(f'_{tag}' for tag in tags) + '.json'
+
+
 def evaluate_checkpoint(workdir: str | pathlib.Path, config_overrides: dict[str, Any], *,
                         step: int | None = None, split: str | None = None) -> tuple[dict, pathlib.Path]:
   """Restores a run's checkpoint, evaluates it, and writes eval_<split>_<step>.json into workdir."""
@@ -143,7 +157,7 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, config_overrides: dict[str,
   builder = datasets.prepare(config.data)
   result = evaluate_model(model, config, mesh, builder, split=split)
   written = json_result(result, list(datasets.class_names(config.data)), restored_step)
-  path = workdir / f'eval_{result["split"]}_{restored_step}.json'
+  path = workdir / result_file_name(result, restored_step)
   if jax.process_index() == 0:
     path.write_text(json.dumps(written, indent=1) + '\n')
   return result, path

@@ -76,7 +76,7 @@ def test_cli_writes_json_with_overrides(run_and_data):
       [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}', '--config.eval.scales=(0.75,1.0)',
        '--config.eval.flip=True'], cwd=REPO_ROOT, capture_output=True, text=True)
   assert completed.returncode == 0, completed.stderr
-  written = json.loads((workdir / 'eval_val_5.json').read_text())
+  written = json.loads((workdir / 'eval_val_5_s0.75-1_flip.json').read_text())
   assert written['scales'] == [0.75, 1.0] and written['flip'] and written['step'] == 5
   assert written['class_names'] == list(datasets.class_names(config.data))
   expected = evaluate.evaluate_model(model, config, mesh, builder, scales=(0.75, 1.0), flip=True)

@@ -1,0 +1,114 @@
+"""Predicts label maps for an image or a folder of images with a trained run; CLI.
+
+  python -m dunet_jax.predict --workdir=RUN --input=IMAGE_OR_DIR --output=DIR [--step=N]
+      [--multiscale] [--flip] [--sliding_window]
+
+For each image writes DIR/<stem>.png, a palette PNG whose pixel values are class ids (the VOC
+colour map makes it viewable; `dunet_jax.score` reads it back), and DIR/<stem>_overlay.jpg, the
+prediction blended over the image. Images of any size are predicted at their own resolution.
+"""
+import pathlib
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app
+from absl import flags
+from PIL import Image
+from tqdm import tqdm
+
+from dunet_jax import inference
+from dunet_jax.data import palette
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+
+
+def list_images(input_path: str | pathlib.Path) -> list[pathlib.Path]:
+  """The image itself, or the images of a folder (not recursive), sorted; raises when none."""
+  path = pathlib.Path(input_path).expanduser()
+  if path.is_file():
+    return [path]
+  if not path.is_dir():
+    raise FileNotFoundError(f'--input={path} does not exist: pass an image file or a folder of images.')
+  images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+  if not images:
+    raise FileNotFoundError(f'--input={path} holds no images with a suffix in {IMAGE_SUFFIXES}.')
+  by_stem = {}
+  for image in images:
+    by_stem.setdefault(image.stem, []).append(image.name)
+  clashes = [' and '.join(names) for names in by_stem.values() if len(names) > 1]
+  if clashes:
+    raise ValueError(f'{path}: images share a stem, so their outputs would overwrite each other: '
+                     f'{"; ".join(clashes)}. Rename or move one of each.')
+  return images
+
+
+def save_label_png(path: pathlib.Path, label_map: np.ndarray) -> None:
+  """A palette PNG: pixel values are the class ids, displayed in the VOC colours."""
+  image = Image.fromarray(np.asarray(label_map, np.uint8))
+  image.putpalette(palette.VOC_COLORMAP.tobytes())
+  image.save(path)
+
+
+def read_rgb(path: pathlib.Path) -> np.ndarray:
+  """uint8 (H, W, 3) pixels of an image file; raises naming the file when it cannot be read."""
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert('RGB'))
+  except (OSError, SyntaxError, ValueError) as error:
+    raise ValueError(f'{path}: cannot be read as an image ({error}); remove or re-save it.') from error
+
+
+def predict_files(predictor: inference.Predictor, images: Sequence[pathlib.Path],
+                  output_dir: str | pathlib.Path, alpha: float = 0.5) -> list[str]:
+  """Writes <stem>.png and <stem>_overlay.jpg per image; returns the errors of unreadable ones."""
+  output_dir = pathlib.Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  errors = []
+  for path in tqdm(images, unit='image', disable=len(images) == 1):
+    try:
+      rgb = read_rgb(path)
+    except ValueError as error:
+      errors.append(str(error))
+      continue
+    label_map = predictor.predict(rgb)
+    save_label_png(output_dir / f'{path.stem}.png', label_map)
+    Image.fromarray(inference.overlay(rgb, label_map, alpha)).save(
+        output_dir / f'{path.stem}_overlay.jpg', quality=90)
+  return errors
+
+
+def define_flags() -> None:
+  """Flags of the CLI, defined only when run as a program so importing this module adds none."""
+  flags.DEFINE_string('workdir', None, 'Training run directory (or <run>/checkpoints/<step>).',
+                      required=True)
+  flags.DEFINE_string('input', None, 'An image file or a folder of images.', required=True)
+  flags.DEFINE_string('output', None, 'Folder for <stem>.png and <stem>_overlay.jpg.', required=True)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
+  flags.DEFINE_bool('multiscale', False, f'Average scales {inference.MULTISCALE_SCALES} (with --flip).')
+  flags.DEFINE_bool('flip', False, 'Also average the mirrored image\'s probabilities.')
+  flags.DEFINE_bool('sliding_window', None, 'Predict large images in crop-sized windows '
+                    '(default: the run\'s eval.sliding_window).')
+  flags.DEFINE_float('alpha', 0.5, 'Opacity of the colours in the overlay.')
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  options = flags.FLAGS
+  try:
+    images = list_images(options.input)
+    predictor = inference.load(
+        options.workdir, step=options.step, flip=options.flip or options.multiscale,
+        scales=inference.MULTISCALE_SCALES if options.multiscale else (1.0,),
+        sliding_window=options.sliding_window)
+  except (FileNotFoundError, ValueError) as error:
+    sys.exit(f'error: {error}')
+  errors = predict_files(predictor, images, options.output, options.alpha)
+  print(f'wrote {len(images) - len(errors)} label maps and overlays to {options.output}')
+  if errors:
+    sys.exit('error: ' + '\n'.join(errors))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
