@@ -41,7 +41,8 @@ def timm_features(model: torch.nn.Module, names: list[str], images: torch.Tensor
   for index, block in enumerate(model.blocks):
     hooks.append(block.register_forward_hook(capture(names[index])))
     for conv in (1, 2, 3):
-      hooks.append(getattr(block.stack, f'conv{conv}').register_forward_hook(capture(f'{names[index]}c{conv}')))
+      separable_conv = getattr(block.stack, f'conv{conv}')
+      hooks.append(separable_conv.register_forward_hook(capture(f'{names[index]}c{conv}')))
   with torch.no_grad():
     features['out'] = model.forward_features(images).numpy()
   for hook in hooks:

@@ -46,7 +46,8 @@ class Arch:
 
 
 ARCHS = {
-    'resnet50': Arch('resnet', 50, 'torchvision', published='torchvision resnet50 (ResNet50_Weights.IMAGENET1K_V1 / V2)'),
+    'resnet50': Arch('resnet', 50, 'torchvision',
+                     published='torchvision resnet50 (ResNet50_Weights.IMAGENET1K_V1 / V2)'),
     'resnet101': Arch('resnet', 101, 'torchvision',
                       published='torchvision resnet101 (ResNet101_Weights.IMAGENET1K_V1 / V2)'),
     'resnet50c': Arch('resnet', 50, 'timm_deep_stem', stem='deep', published='timm resnet50c.gluon_in1k'),
@@ -100,8 +101,8 @@ def _xception_module(arch: Arch, module: str) -> str | None:
   stem = re.fullmatch(r'stem\.([01])\.(conv|bn)', module)
   if stem:
     return f'conv1_{int(stem.group(1)) + 1}/{stem.group(2)}'
-  match = re.fullmatch(r'blocks\.(\d+)\.(stack\.(conv[1-3])\.(conv_dw|bn_dw|conv_pw|bn_pw)|shortcut\.(conv|bn))',
-                       module)
+  match = re.fullmatch(
+      r'blocks\.(\d+)\.(stack\.(conv[1-3])\.(conv_dw|bn_dw|conv_pw|bn_pw)|shortcut\.(conv|bn))', module)
   if not match:
     return None
   names = xception.unit_names(arch.depth)
@@ -169,7 +170,8 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     import torch
   except ImportError as error:
     raise ConversionError(f'--source={path}: reading {path.suffix} files needs torch (not a dunet_jax '
-                          'requirement); install it, or use the .safetensors file of the same weights') from error
+                          'requirement); install it, or use the .safetensors file of the same '
+                          'weights') from error
   state_dict = torch.load(path, map_location='cpu', weights_only=True)
   if isinstance(state_dict, dict) and 'state_dict' in state_dict and len(state_dict) <= 4:
     state_dict = state_dict['state_dict']
@@ -196,7 +198,8 @@ def convert(state_dict: dict[str, np.ndarray], arch_name: str,
       duplicated.append(f'{key} and {sources[path]} -> {path}')
       continue
     sources[path] = key
-    converted[path] = (value.transpose(2, 3, 1, 0) if value.ndim == 4 else value).astype(np.float32, copy=False)
+    value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value  # OIHW -> HWIO
+    converted[path] = value.astype(np.float32, copy=False)
   mismatched = [f'{sources[path]} {tuple(value.shape)} -> {path} expects {expected[path]}'
                 for path, value in converted.items() if tuple(value.shape) != tuple(expected[path])]
   missing = [path for path in expected if path not in converted]
@@ -253,7 +256,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('source', None, 'PyTorch state dict: .safetensors, or .pth when torch is installed.',
                       required=True)
   flags.DEFINE_enum('arch', None, list(ARCHS),
-                    'Architecture of --source. ' + '; '.join(f'{name}: {arch.published}' for name, arch in ARCHS.items()),
+                    'Architecture of --source. '
+                    + '; '.join(f'{name}: {arch.published}' for name, arch in ARCHS.items()),
                     required=True)
   flags.DEFINE_string('output', None, '.npz to write (point config.model.pretrained at it).', required=True)
   app.run(main)

@@ -56,7 +56,7 @@ def test_layouts_follow_oihw_to_hwio():
   rng = np.random.default_rng(0)
   state = zeros_state_dict('resnet50')
   conv = state['layer2.0.conv2.weight'] = rng.normal(size=SHAPES['resnet50']['layer2.0.conv2.weight'])
-  variance = state['layer2.0.bn2.running_var'] = rng.uniform(size=SHAPES['resnet50']['layer2.0.bn2.running_var'])
+  variance = state['layer2.0.bn2.running_var'] = rng.uniform(size=(128,))
   arrays, _ = convert_weights.convert(state, 'resnet50')
   kernel = arrays['layer2/0/conv2/kernel']
   assert kernel.shape == (3, 3, 128, 128) and kernel.dtype == np.float32
@@ -110,7 +110,8 @@ def test_safetensors_round_trip_fills_every_tensor(tmp_path, capsys):
   variables = pretrained.flat_variables(backbone)
   np.testing.assert_array_equal(np.asarray(variables['conv1/kernel'][...]),
                                 state['conv1.weight'].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(np.asarray(variables['layer4/2/bn3/mean'][...]), state['layer4.2.bn3.running_mean'])
+  np.testing.assert_array_equal(np.asarray(variables['layer4/2/bn3/mean'][...]),
+                                state['layer4.2.bn3.running_mean'])
   np.testing.assert_array_equal(np.asarray(variables['layer3/0/downsample/bn/scale'][...]),
                                 state['layer3.0.downsample.1.weight'])
 
@@ -142,7 +143,8 @@ def test_loader_fills_a_matching_file(tmp_path):
     (lambda a: a.__setitem__('conv1_1/conv/kernel', np.zeros((3, 3, 3, 5))), 'conv1_1/conv/kernel'),
 ])
 def test_loader_names_missing_unexpected_and_misshaped_keys(tmp_path, edit, named):
-  arrays = {key: np.zeros(shape, np.float32) for key, shape in pretrained.parameter_shapes(tiny_xception()).items()}
+  shapes = pretrained.parameter_shapes(tiny_xception())
+  arrays = {key: np.zeros(shape, np.float32) for key, shape in shapes.items()}
   edit(arrays)
   write_npz(tmp_path / 'w.npz', arrays)
   with pytest.raises(pretrained.PretrainedWeightsError, match=named):

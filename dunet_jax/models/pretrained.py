@@ -42,6 +42,8 @@ def parameter_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
 def _describe(backbone: nnx.Module) -> str:
   settings = {name: getattr(backbone, name) for name in ('stem', 'stage_blocks', 'avg_down')
               if hasattr(backbone, name)}
+  if hasattr(backbone, 'unit_order'):
+    settings['units'] = len(backbone.unit_order)
   return f'{type(backbone).__name__}({", ".join(f"{k}={v!r}" for k, v in settings.items())})'
 
 

@@ -27,10 +27,11 @@ A cZ feature is the separable conv's pointwise BN output: before the next conv's
 the shortcut sum (DeepLab's decoder reads efb2u1c2 like this, at stride 4). In the last exit-flow
 unit it is after its ReLU. The paper fuses efb2u1c2 (1/4) and mfb1u16c3 (1/16).
 
-Parameter paths (what `convert_weights` writes and `pretrained.load` reads), against timm's:
+Parameter paths (what `convert_weights` writes, `pretrained.load_backbone_weights` reads) vs timm's:
   conv1_1/{conv,bn}                 stem.0.{conv,bn}
   conv1_2/{conv,bn}                 stem.1.{conv,bn}
-  units/<unit>/convZ/{conv_dw,bn_dw,conv_pw,bn_pw}   blocks.<i>.stack.convZ.{conv_dw,bn_dw,conv_pw,bn_pw}
+  units/<unit>/convZ/{conv_dw,bn_dw,conv_pw,bn_pw}
+                                    blocks.<i>.stack.convZ.{conv_dw,bn_dw,conv_pw,bn_pw}
   units/<unit>/shortcut/{conv,bn}   blocks.<i>.shortcut.{conv,bn}
 where <unit> is the i-th entry of `unit_names(depth)`. Convs hold `kernel` (HWIO; depthwise
 (3, 3, 1, C)), BatchNorms `scale`, `bias`, `mean`, `var`; BN epsilon is 1e-3 as in the TF weights.
