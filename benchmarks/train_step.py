@@ -1,4 +1,4 @@
-"""Speed of the real jitted train step (dunet_jax.train.make_steps); prints one JSON line.
+"""Speed of the real jitted train step (dunet_jax.train.make_train_step); prints one JSON line.
 
   python benchmarks/train_step.py                       # DUNet-ResNet-50, OS 16, 512x512, batch 2
   python benchmarks/train_step.py --dtype=bf16 --batch_size=16 --peak_flops=790e12   # an H200
@@ -111,11 +111,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
   state = (params, model_state, tx.init(params))
   state_shardings = tuple(sharding.tree_shardings(mesh, part) for part in state)
   state = jax.device_put(state, state_shardings)
-  steps = train.make_steps(model, config, tx, mesh, state_shardings)
+  train_step = train.make_train_step(model, config, tx, mesh, state_shardings)
   batch = sharding.to_global(random_batch(config, rng), mesh)
 
   start = time.perf_counter()
-  compiled = steps.train.lower(*state, batch).compile()
+  compiled = train_step.lower(*state, batch).compile()
   compile_seconds = time.perf_counter() - start
   flops_per_step = throughput.step_flops(compiled)
 
