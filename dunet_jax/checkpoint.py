@@ -11,6 +11,7 @@ skipped with a warning in favour of the previous one.
 """
 import json
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from dunet_jax import sharding
@@ -56,11 +58,13 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, model_state: An
 
 
 def restore(manager: ocp.CheckpointManager, abstract: dict[str, Any], step: int | None = None,
-            ) -> tuple[dict[str, Any], int] | None:
+            set_aside_unreadable: bool = False) -> tuple[dict[str, Any], int] | None:
   """Restores the items named in `abstract` from `step`, or from the newest readable step.
 
   `abstract` maps item names ('params', 'model_state', 'opt_state') to trees of
   jax.ShapeDtypeStruct carrying the target shardings. Returns None when there is no checkpoint.
+  With `set_aside_unreadable` (training), an unreadable step is renamed to
+  `<step>.unreadable-<time>` rather than deleted, so that the resumed run can write that step anew.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
@@ -78,9 +82,22 @@ def restore(manager: ocp.CheckpointManager, abstract: dict[str, Any], step: int 
             'It was written by another model or config, or it is corrupt: use a fresh --workdir.') from error
       logging.warning('Checkpoint step %d in %s is unreadable (%s); trying the previous one.',
                       candidate, manager.directory, error)
+      if set_aside_unreadable:
+        _set_aside(manager, candidate)
       continue
     return {name: restored[name] for name in abstract}, candidate
   return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
+  """Renames an unreadable step's folder (process 0) so that it is neither used nor lost."""
+  if jax.process_index() == 0:
+    folder = pathlib.Path(manager.directory) / str(step)
+    target = folder.with_name(f'{step}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}')
+    folder.rename(target)
+    logging.warning('Moved the unreadable checkpoint to %s.', target)
+  multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+  manager.reload()
 
 
 def abstract_with_shardings(tree: Any, mesh: Mesh) -> Any:

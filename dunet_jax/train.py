@@ -171,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   restored = checkpoint.restore(manager, {
       'params': checkpoint.abstract_with_shardings(params, mesh),
       'model_state': checkpoint.abstract_with_shardings(model_state, mesh),
-      'opt_state': checkpoint.abstract_with_shardings(opt_state, mesh)})
+      'opt_state': checkpoint.abstract_with_shardings(opt_state, mesh)}, set_aside_unreadable=True)
   step = 0
   if restored is not None:
     items, step = restored

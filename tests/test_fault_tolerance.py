@@ -22,8 +22,8 @@ from flax import nnx
 from dunet_jax import checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-NUM_STEPS = 40
-CHECKPOINT_EVERY = 10
+NUM_STEPS = 20
+CHECKPOINT_EVERY = 5
 
 
 def _command(workdir, data_dir, *overrides, extra_flags=()):
@@ -111,6 +111,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path, d
   step, redone = _params(workdir)
   jax.tree.map(np.testing.assert_array_equal, redone, _params(reference)[1])
   assert step == NUM_STEPS
+  assert list((workdir / 'checkpoints').glob(f'{NUM_STEPS}.unreadable-*')), 'the unreadable step was not kept'
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
