@@ -4,6 +4,7 @@ tests/data/state_dict_shapes.json holds the key -> shape lists of the real libra
 dicts (written once by tests/data/generate_state_dict_shapes.py), so CI checks the mapping
 without torch.
 """
+import inspect
 import json
 import pathlib
 import subprocess
@@ -47,7 +48,7 @@ def test_timm_d_resnet_maps_its_avg_pool_shortcut():
   expected = convert_weights.target_shapes('resnet101c')  # same tensors, deep stem
   arrays, _ = convert_weights.convert(zeros_state_dict('resnet101d'), 'resnet101d', expected=expected)
   assert set(arrays) == set(expected)
-  if 'avg_down' not in resnet.ResNet.__init__.__code__.co_varnames:
+  if 'avg_down' not in inspect.signature(resnet.ResNet.__init__).parameters:
     with pytest.raises(convert_weights.ConversionError, match='average pool'):
       convert_weights.convert(zeros_state_dict('resnet101d'), 'resnet101d')
 
