@@ -86,6 +86,9 @@ def evaluate_model(model: nnx.Module, config: ml_collections.ConfigDict, mesh: M
   if sliding_window is None:
     sliding_window = bool(config.eval.get('sliding_window', False))
   window = int(config.data.crop_size) if sliding_window else None
+  if config.eval.batch_size % mesh.size:
+    raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must be a multiple of the {mesh.size} '
+                     f'devices: pass --config.eval.batch_size={mesh.size * -(-config.eval.batch_size // mesh.size)}.')
   model.eval()
   graphdef, state = nnx.split(model)
   step = make_eval_step(graphdef, mesh, num_classes=int(config.data.num_classes),

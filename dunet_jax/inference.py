@@ -23,7 +23,6 @@ from flax import nnx
 from PIL import Image
 
 from dunet_jax import checkpoint
-from dunet_jax.data import datasets
 from dunet_jax.data import palette
 
 # Predictor pads every image to a multiple of this many pixels (bottom and right, with the
@@ -191,6 +190,7 @@ class Predictor:
 
   @property
   def class_names(self) -> list[str]:
+    from dunet_jax.data import datasets  # imports tensorflow: only when the names are asked for
     return list(datasets.class_names(self.config.data))
 
 

@@ -1,4 +1,5 @@
 """Evaluation over a sharded mesh against a per-image numpy composition on the built-in val split."""
+import functools
 import json
 import subprocess
 import sys
@@ -22,10 +23,15 @@ def run_and_data(tmp_path_factory):
   return workdir, model, config, builder, mesh
 
 
+@functools.cache
+def jitted_model(model):
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda images: nnx.merge(graphdef, state)(images))
+
+
 def reference_confusion(model, config, builder, scales, flip) -> np.ndarray:
   """Each val image padded to data.eval_pad_size with data.pad_pixel, predicted alone, cropped."""
-  graphdef, state = nnx.split(model)
-  logits_fn = jax.jit(lambda images: nnx.merge(graphdef, state)(images))
+  logits_fn = jitted_model(model)
   pad, num_classes = config.data.eval_pad_size, config.data.num_classes
   confusion = np.zeros((num_classes, num_classes), np.int64)
   for example in builder.as_dataset(split='val').as_numpy_iterator():
@@ -73,13 +79,13 @@ def test_sliding_window_evaluation_runs_over_crops(run_and_data):
 def test_cli_writes_json_with_overrides(run_and_data):
   workdir, model, config, builder, mesh = run_and_data
   completed = subprocess.run(
-      [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}', '--config.eval.scales=(0.75,1.0)',
+      [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}', '--config.eval.scales=(0.5,1.25)',
        '--config.eval.flip=True'], cwd=REPO_ROOT, capture_output=True, text=True)
   assert completed.returncode == 0, completed.stderr
-  written = json.loads((workdir / 'eval_val_5_s0.75-1_flip.json').read_text())
-  assert written['scales'] == [0.75, 1.0] and written['flip'] and written['step'] == 5
+  written = json.loads((workdir / 'eval_val_5_s0.5-1.25_flip.json').read_text())
+  assert written['scales'] == [0.5, 1.25] and written['flip'] and written['step'] == 5
   assert written['class_names'] == list(datasets.class_names(config.data))
-  expected = evaluate.evaluate_model(model, config, mesh, builder, scales=(0.75, 1.0), flip=True)
+  expected = evaluate.evaluate_model(model, config, mesh, builder, scales=(0.5, 1.25), flip=True)
   assert written['miou'] == pytest.approx(expected['miou'], abs=2e-3)
   assert 'mIoU' in completed.stdout and written['class_names'][1] in completed.stdout
 

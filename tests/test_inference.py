@@ -95,13 +95,38 @@ def test_colorize_and_overlay():
   assert palette.VOC_COLORMAP[15].tolist() == [192, 128, 128]
 
 
-# A tiny trained-looking run shared by the inference, evaluate, predict, export and notebook tests
-# (imported by them; cached per pytest session since building a DUNet costs ~30 CPU seconds).
+# A tiny run shared by the inference, evaluate, predict, export and notebook tests (imported by
+# them, made once per pytest session).
 
-def _orthonormal_w(config) -> np.ndarray:
-  rows = config.model.output_stride ** 2 * config.data.num_classes
-  q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(rows, config.model.num_components)))
-  return q.astype(np.float32)
+def random_model(config) -> nnx.Module:
+  """A tiny DUNet with He-normal kernels, unit BatchNorm and an orthonormal W, filled in numpy.
+
+  Filling an eval_shape model avoids compiling one initializer per parameter shape, which costs
+  about 30 CPU seconds for this model.
+  """
+  from dunet_jax.models import dunet
+  abstract = nnx.eval_shape(lambda: dunet.DUNet(config.model, config.data.num_classes,
+                                                reconstruction=None, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name, shape = path[-1], leaf.shape
+    if name == 'kernel':
+      value = rng.normal(0, np.sqrt(2 / np.prod(shape[:-1])), shape)
+    elif name == 'w':
+      value = np.linalg.qr(rng.normal(size=shape))[0]
+    elif name in ('scale', 'var'):
+      value = np.ones(shape)
+    else:
+      value = np.zeros(shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  state = nnx.from_flat_state([(path, variable.replace(fill(path, variable.get_value())))
+                               for path, variable in nnx.to_flat_state(state)])
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  return model
 
 
 def tiny_run(directory, step: int = 5):
@@ -110,7 +135,7 @@ def tiny_run(directory, step: int = 5):
   The model stays in memory (on the 8 devices) as the original run's reference.
   """
   from configs import synthetic
-  from dunet_jax import checkpoint, sharding, train
+  from dunet_jax import checkpoint, sharding
   workdir = pathlib.Path(directory) / 'tiny_run'
   if workdir in _TINY_RUNS:
     return workdir, _TINY_RUNS[workdir]
@@ -118,8 +143,7 @@ def tiny_run(directory, step: int = 5):
   config.mesh.data, config.mesh.fsdp = 4, 2
   config.data.manual_dir = str(pathlib.Path(directory) / 'synthetic' / 'manual')
   config.data.tfds_data_dir = str(pathlib.Path(directory) / 'synthetic' / 'tfds')
-  model = train.create_model(config, _orthonormal_w(config))
-  model.eval()
+  model = random_model(config)
   mesh = sharding.make_mesh(config.mesh)
   graphdef, params, model_state = checkpoint.split_model(model)
   params = jax.device_put(params, sharding.tree_shardings(mesh, params))
