@@ -459,20 +459,31 @@ def load_reconstruction(path: str | os.PathLike, *, expect_ratio: int | None = N
   return fit
 
 
-def _one_hot_windows(labels: jax.Array, ratio: int, num_classes: int) -> jax.Array:
-  """(B, H, W) labels -> (B, H/r, W/r, N) window vectors, index (i*r + j)*C + c; void = zeros."""
+def compress(labels: jax.Array, w: jax.Array, ratio: int, num_classes: int) -> jax.Array:
+  """Codes x = W^T v of every window: (B, H, W) labels -> (B, H/r, W/r, C') float32.
+
+  v is one-hot, so W^T v is the sum over the window's pixels p of W's row (p, label): gathered
+  pixel by pixel (a scan over the r*r positions) instead of multiplying a one-hot matrix.
+  """
   batch, height, width = labels.shape
   if height % ratio or width % ratio:
     raise ValueError(f'Label maps of size {height}x{width} are not a multiple of the ratio {ratio}: '
                      f'pad them with {VOID} first.')
-  one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)   # values >= C give all zeros
-  one_hot = one_hot.reshape(batch, height // ratio, ratio, width // ratio, ratio, num_classes)
-  return one_hot.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // ratio, width // ratio, -1)
+  w = jnp.asarray(w, jnp.float32)
+  rows = w.reshape(ratio * ratio, num_classes, -1)
+  rows = jnp.concatenate([rows, jnp.zeros_like(rows[:, :1])], axis=1)      # class C: void -> 0
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  labels = jnp.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+  per_pixel = labels.reshape(batch, height // ratio, ratio, width // ratio, ratio)
+  per_pixel = per_pixel.transpose(2, 4, 0, 1, 3).reshape(ratio * ratio, batch, height // ratio, width // ratio)
 
+  def add_pixel(codes, pixel):
+    pixel_rows, pixel_labels = pixel
+    return codes + pixel_rows[pixel_labels], None
 
-def compress(labels: jax.Array, w: jax.Array, ratio: int, num_classes: int) -> jax.Array:
-  """Codes x = W^T v of every window: (B, H, W) labels -> (B, H/r, W/r, C') float32."""
-  return _one_hot_windows(labels, ratio, num_classes) @ jnp.asarray(w, jnp.float32)
+  initial = jnp.zeros((batch, height // ratio, width // ratio, w.shape[1]), jnp.float32)
+  codes, _ = jax.lax.scan(add_pixel, initial, (rows, per_pixel))
+  return codes
 
 
 def reconstruct(codes: jax.Array, w: jax.Array, ratio: int, num_classes: int) -> jax.Array:

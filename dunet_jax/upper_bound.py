@@ -1,0 +1,208 @@
+"""The paper's upper bound: how well can each upsampling possibly do? Compress the ground truth itself.
+
+  python -m dunet_jax.upper_bound --label_dir=DIR --train_list=FILE --val_list=FILE \\
+      --ratio=16,32 --num_components=32,64,128,256 --num_classes=21 \\
+      [--downsample=area|bilinear|both] [--solver=auto|exact|randomized] [--max_train=N] [--max_val=N] \\
+      [--sgd_maps=N --sgd_components=64]
+
+W is fitted on the train labels (one streaming PCA pass per ratio; top C' eigenvectors are nested,
+so one fit serves every C'). On every val map, at its original size (the 255 padding added to
+reach a multiple of r is never scored, nor is void):
+- DUpsample: codes W^T v of each r x r window, reconstruction W x placed back as pixels, argmax.
+- Bilinear: the one-hot map (void = all zeros) brought to H/r x W/r, then bilinearly upsampled back
+  (jax.image.resize 'bilinear', half-pixel centres) and argmaxed. Downsampling is either
+  'area': the mean one-hot over each r x r window, void pixels left out (the class fractions of
+  the window's labelled pixels), or 'bilinear': jax.image.resize(..., 'bilinear', antialias=False),
+  i.e. bilinear interpolation at each window's centre (the 2 x 2 central pixels for even r), divided
+  by the interpolated non-void fraction. Every low-resolution cell is one window, so both
+  methods use the same grid as DUpsample.
+Scores are one confusion matrix over the split (dunet_jax.metrics): mIoU and pixel accuracy. The
+reconstruction error is the mean over windows (with a non-void pixel) of ||v - W W^T v||^2, on val
+(from the codes) and train (from the second moment). Prints a table, then one JSON line.
+"""
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from PIL import Image
+
+from dunet_jax import metrics
+from dunet_jax import reconstruction
+from dunet_jax.data import label_files
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('label_dir', None, 'Folder of <id>.png label maps (class ids, 255 = void).')
+flags.DEFINE_string('train_list', None, 'Ids W is fitted on, one per line.')
+flags.DEFINE_string('val_list', None, 'Ids scored, one per line.')
+flags.DEFINE_list('ratio', ['16'], 'Output strides r (comma-separated).')
+flags.DEFINE_list('num_components', ['64'], "C' values (comma-separated).")
+flags.DEFINE_integer('num_classes', 21, 'Classes C (labels 0..C-1; 255 is void).')
+flags.DEFINE_enum('downsample', 'both', ['area', 'bilinear', 'both'], 'Bilinear baseline downsampling.')
+flags.DEFINE_enum('solver', 'auto', ['auto', 'exact', 'randomized'], 'Eigen solver for W.')
+flags.DEFINE_integer('max_train', 0, 'Use only the first N train ids (0: all).')
+flags.DEFINE_integer('max_val', 0, 'Use only the first N val ids (0: all).')
+flags.DEFINE_integer('batch_size', 8, 'Val maps scored per step.')
+flags.DEFINE_integer('sgd_maps', 0, 'Also fit P and W by SGD on the first N train maps (0: skip).')
+flags.DEFINE_integer('sgd_components', 64, "C' of the SGD comparison.")
+flags.DEFINE_integer('sgd_steps', 3000, 'Adam steps of the SGD fit.')
+
+METHODS = {'area': 'bilinear_area', 'bilinear': 'bilinear_sampling'}
+
+
+def _bilinear(labels: jax.Array, ratio: int, num_classes: int, downsample: str) -> jax.Array:
+  """Predictions of the bilinear baseline (see the module docstring for the exact operations)."""
+  batch, height, width = labels.shape
+  low_shape = (batch, height // ratio, width // ratio, num_classes)
+  one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  valid = (labels < num_classes).astype(jnp.float32)[..., None]
+  if downsample == 'area':
+    windows = (batch, height // ratio, ratio, width // ratio, ratio, -1)
+    low = one_hot.reshape(windows).sum((2, 4))
+    weight = valid.reshape(windows).sum((2, 4))
+  else:
+    low = jax.image.resize(one_hot, low_shape, 'bilinear', antialias=False)
+    weight = jax.image.resize(valid, low_shape[:3] + (1,), 'bilinear', antialias=False)
+  low = jnp.where(weight > 0, low / jnp.maximum(weight, 1e-12), 0.0)
+  return jnp.argmax(jax.image.resize(low, (batch, height, width, num_classes), 'bilinear'), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=('ratio', 'num_classes', 'components', 'downsamples'))
+def _score_batch(labels: jax.Array, projection: jax.Array, w: jax.Array, ratio: int, num_classes: int,
+                 components: tuple[int, ...], downsamples: tuple[str, ...]) -> dict[str, jax.Array]:
+  """Confusion matrices of DUpsample at each C' (nested prefixes of W) and of the bilinear baselines.
+
+  The reconstruction for C' is W[:, :C'] x[:C'], so each C' adds its slice to the previous sum.
+  """
+  codes = reconstruction.compress(labels, projection, ratio, num_classes)
+  pixels = (labels < num_classes).reshape(labels.shape[0], labels.shape[1] // ratio, ratio,
+                                          labels.shape[2] // ratio, ratio).sum((2, 4))
+  energy = jnp.cumsum(codes ** 2, axis=-1)
+  scores, start = 0.0, 0
+  dupsample, errors = [], []
+  for end in components:
+    scores = scores + reconstruction.reconstruct(codes[..., start:end], w[:, start:end], ratio, num_classes)
+    start = end
+    dupsample.append(metrics.confusion_matrix(labels, jnp.argmax(scores, -1), num_classes))
+    errors.append(jnp.sum(jnp.where(pixels > 0, pixels - energy[..., end - 1], 0.0)))
+  result = {'dupsample': jnp.stack(dupsample), 'squared_error': jnp.stack(errors),
+            'windows': jnp.sum(pixels > 0)}
+  for downsample in downsamples:
+    result[METHODS[downsample]] = metrics.confusion_matrix(
+        labels, _bilinear(labels, ratio, num_classes, downsample), num_classes)
+  return result
+
+
+def _sorted_by_shape(label_dir: str, ids: list[str], ratio: int) -> list[str]:
+  """Ids ordered by padded size (PNG headers only), so batches need little extra padding."""
+  def padded(label_id):
+    with Image.open(f'{label_dir}/{label_id}.png') as image:
+      width, height = image.size
+    return -(-height // ratio), -(-width // ratio)
+  return sorted(ids, key=padded)
+
+
+def score_split(label_dir: str, ids: list[str], *, projection: np.ndarray, w: np.ndarray, ratio: int,
+                num_classes: int, components: tuple[int, ...], downsamples: tuple[str, ...],
+                batch_size: int) -> dict:
+  """Summed confusion matrices and reconstruction errors over all `ids`."""
+  totals = {}
+  for batch in label_files.label_batches(label_dir, _sorted_by_shape(label_dir, ids, ratio), ratio=ratio,
+                                         batch_size=batch_size):
+    result = jax.device_get(_score_batch(batch['label'], projection, w, ratio, num_classes, components,
+                                         downsamples))
+    for key, value in result.items():
+      totals[key] = totals.get(key, 0) + np.asarray(value, np.float64 if key == 'squared_error' else np.int64)
+  return totals
+
+
+def _train_batches(label_dir: str, ids: list[str], ratio: int):
+  return (batch['label'] for batch in label_files.label_batches(label_dir, ids, ratio=ratio, batch_size=16))
+
+
+def run(label_dir: str, train_ids: list[str], val_ids: list[str], *, ratios: list[int],
+        components: list[int], num_classes: int, downsamples: tuple[str, ...], solver: str,
+        batch_size: int, sgd_maps: int = 0, sgd_components: int = 64, sgd_steps: int = 3000) -> dict:
+  """Every row of the table, as dicts, plus timings."""
+  components = tuple(sorted(set(components)))
+  rows, timings = [], {}
+  for ratio in ratios:
+    started = time.time()
+    moments = reconstruction.accumulate_moments(_train_batches(label_dir, train_ids, ratio), ratio=ratio,
+                                                num_classes=num_classes)
+    fit = reconstruction.solve_moments(moments, components[-1], solver=solver)
+    timings[f'fit_r{ratio}_seconds'] = round(time.time() - started, 1)
+    started = time.time()
+    totals = score_split(label_dir, val_ids, projection=fit.w, w=fit.w, ratio=ratio, num_classes=num_classes,
+                         components=components, downsamples=downsamples, batch_size=batch_size)
+    timings[f'score_r{ratio}_seconds'] = round(time.time() - started, 1)
+    for index, count in enumerate(components):
+      result = metrics.scores(totals['dupsample'][index])
+      rows.append({'ratio': ratio, 'method': 'dupsample', 'num_components': count,
+                   'miou': result['miou'], 'pixel_accuracy': result['pixel_accuracy'],
+                   'val_reconstruction_error': float(totals['squared_error'][index] / totals['windows']),
+                   'train_reconstruction_error': reconstruction.reconstruction_error(moments, fit.w[:, :count])})
+    for downsample in downsamples:
+      result = metrics.scores(totals[METHODS[downsample]])
+      rows.append({'ratio': ratio, 'method': METHODS[downsample], 'num_components': None,
+                   'miou': result['miou'], 'pixel_accuracy': result['pixel_accuracy']})
+    if sgd_maps:
+      rows += _sgd_rows(label_dir, train_ids[:sgd_maps], val_ids, ratio=ratio, num_classes=num_classes,
+                        count=sgd_components, steps=sgd_steps, batch_size=batch_size)
+  return {'rows': rows, 'train_maps': len(train_ids), 'val_maps': len(val_ids), **timings}
+
+
+def _sgd_rows(label_dir: str, train_ids: list[str], val_ids: list[str], *, ratio: int, num_classes: int,
+              count: int, steps: int, batch_size: int) -> list[dict]:
+  """DUpsample with P, W from SGD beside PCA fitted on the same maps."""
+  sgd = reconstruction.fit_sgd(_train_batches(label_dir, train_ids, ratio), ratio=ratio,
+                               num_classes=num_classes, num_components=count, steps=steps)
+  pca = reconstruction.fit_pca(_train_batches(label_dir, train_ids, ratio), ratio=ratio,
+                               num_classes=num_classes, num_components=count)
+  rows = []
+  for name, projection, w in (('sgd', sgd.projection, sgd.w), ('pca_same_maps', pca.w, pca.w)):
+    totals = score_split(label_dir, val_ids, projection=projection, w=w, ratio=ratio, num_classes=num_classes,
+                         components=(count,), downsamples=(), batch_size=batch_size)
+    result = metrics.scores(totals['dupsample'][0])
+    rows.append({'ratio': ratio, 'method': f'dupsample_{name}', 'num_components': count,
+                 'train_maps': len(train_ids), 'miou': result['miou'], 'pixel_accuracy': result['pixel_accuracy']})
+  rows[0]['final_loss'] = float(sgd.losses[-1])
+  return rows
+
+
+def format_table(report: dict) -> str:
+  lines = [f'{"r":>3}  {"method":<26}{"C_prime":>8}{"mIoU":>8}{"pix acc":>9}{"val err":>9}{"train err":>10}']
+  for row in report['rows']:
+    count = '' if row['num_components'] is None else str(row['num_components'])
+    errors = ''.join(f'{row[key]:>{width}.3f}' if key in row else ' ' * width
+                     for key, width in (('val_reconstruction_error', 9), ('train_reconstruction_error', 10)))
+    lines.append(f'{row["ratio"]:>3}  {row["method"]:<26}{count:>8}{100 * row["miou"]:>8.2f}'
+                 f'{100 * row["pixel_accuracy"]:>9.2f}{errors}')
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  for name in ('label_dir', 'train_list', 'val_list'):
+    if not getattr(FLAGS, name):
+      raise app.UsageError(f'--{name} is required.')
+  train_ids = label_files.read_ids(FLAGS.train_list)
+  val_ids = label_files.read_ids(FLAGS.val_list)
+  train_ids = train_ids[:FLAGS.max_train] if FLAGS.max_train else train_ids
+  val_ids = val_ids[:FLAGS.max_val] if FLAGS.max_val else val_ids
+  label_files.check_files(FLAGS.label_dir, train_ids + val_ids)
+  downsamples = ('area', 'bilinear') if FLAGS.downsample == 'both' else (FLAGS.downsample,)
+  report = run(FLAGS.label_dir, train_ids, val_ids, ratios=[int(r) for r in FLAGS.ratio],
+               components=[int(c) for c in FLAGS.num_components], num_classes=FLAGS.num_classes,
+               downsamples=downsamples, solver=FLAGS.solver, batch_size=FLAGS.batch_size,
+               sgd_maps=FLAGS.sgd_maps, sgd_components=FLAGS.sgd_components, sgd_steps=FLAGS.sgd_steps)
+  print(format_table(report))
+  print(json.dumps(report))
+
+
+if __name__ == '__main__':
+  app.run(main)
