@@ -41,7 +41,8 @@ def _blocky_labels(rng: np.random.RandomState, height: int, width: int, classes:
   labels = np.zeros((height, width), np.uint8)
   for _ in range(6):
     top, left = rng.randint(0, height - 4), rng.randint(0, width - 4)
-    labels[top:top + rng.randint(4, height // 2), left:left + rng.randint(4, width // 2)] = rng.randint(classes)
+    bottom, right = top + rng.randint(4, height // 2), left + rng.randint(4, width // 2)
+    labels[top:bottom, left:right] = rng.randint(classes)
   labels[rng.rand(height, width) < 0.02] = 255  # void pixels: one-hot all zeros, never scored
   return labels
 
