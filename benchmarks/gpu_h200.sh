@@ -39,6 +39,11 @@ if ! "$PYTHON" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2>
   echo "no CUDA jax found: installing $JAX_SPEC" >&2
   "$PYTHON" -m pip install --quiet "$JAX_SPEC"
 fi
+missing=$("$PYTHON" -c 'import importlib.util as u; print(" ".join(m for m in ("flax", "optax", "orbax", "ml_collections", "clu", "tensorflow") if u.find_spec(m) is None))')
+if [ -n "$missing" ]; then
+  echo "error: Python packages missing here: $missing. Pure-Python ones travel in .gpu_vendor/ (add them to VENDORED_PACKAGES and run --prepare where they are installed); dunet_jax.train must import without the others." >&2
+  exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader >&2
 "$PYTHON" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())' >&2
 
