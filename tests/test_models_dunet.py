@@ -61,7 +61,7 @@ def test_preset_trains_forward_and_backward(preset):
 
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, rest)
   assert np.isfinite(float(loss))
-  norms = {part: float(optax.global_norm(getattr(grads, part)))
+  norms = {part: float(optax.tree.norm(getattr(grads, part)))
            for part in ('backbone', 'decoder')}
   assert all(np.isfinite(n) and n > 0 for n in norms.values()), norms
 
