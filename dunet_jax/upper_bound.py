@@ -54,8 +54,12 @@ flags.DEFINE_integer('sgd_steps', 3000, 'Adam steps of the SGD fit.')
 METHODS = {'area': 'bilinear_area', 'bilinear': 'bilinear_sampling'}
 
 
-def _bilinear(labels: jax.Array, ratio: int, num_classes: int, downsample: str) -> jax.Array:
-  """Predictions of the bilinear baseline (see the module docstring for the exact operations)."""
+def downsample_one_hot(labels: jax.Array, ratio: int, num_classes: int, downsample: str) -> jax.Array:
+  """(B, H, W) labels -> (B, H/r, W/r, C) class fractions per window ('area' or 'bilinear').
+
+  Void pixels are all-zero one-hot vectors; the result is divided by the same operation applied
+  to the non-void indicator, so void is left out rather than counted as no class.
+  """
   batch, height, width = labels.shape
   low_shape = (batch, height // ratio, width // ratio, num_classes)
   one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
@@ -64,11 +68,18 @@ def _bilinear(labels: jax.Array, ratio: int, num_classes: int, downsample: str) 
     windows = (batch, height // ratio, ratio, width // ratio, ratio, -1)
     low = one_hot.reshape(windows).sum((2, 4))
     weight = valid.reshape(windows).sum((2, 4))
-  else:
+  elif downsample == 'bilinear':
     low = jax.image.resize(one_hot, low_shape, 'bilinear', antialias=False)
     weight = jax.image.resize(valid, low_shape[:3] + (1,), 'bilinear', antialias=False)
-  low = jnp.where(weight > 0, low / jnp.maximum(weight, 1e-12), 0.0)
-  return jnp.argmax(jax.image.resize(low, (batch, height, width, num_classes), 'bilinear'), axis=-1)
+  else:
+    raise ValueError(f"downsample={downsample!r} must be 'area' or 'bilinear'.")
+  return jnp.where(weight > 0, low / jnp.maximum(weight, 1e-12), 0.0)
+
+
+def bilinear_prediction(labels: jax.Array, ratio: int, num_classes: int, downsample: str) -> jax.Array:
+  """The bilinear baseline: downsampled one-hot, bilinearly upsampled (half-pixel centres), argmax."""
+  low = downsample_one_hot(labels, ratio, num_classes, downsample)
+  return jnp.argmax(jax.image.resize(low, (*labels.shape, num_classes), 'bilinear'), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=('ratio', 'num_classes', 'components', 'downsamples'))
@@ -93,7 +104,7 @@ def _score_batch(labels: jax.Array, projection: jax.Array, w: jax.Array, ratio: 
             'windows': jnp.sum(pixels > 0)}
   for downsample in downsamples:
     result[METHODS[downsample]] = metrics.confusion_matrix(
-        labels, _bilinear(labels, ratio, num_classes, downsample), num_classes)
+        labels, bilinear_prediction(labels, ratio, num_classes, downsample), num_classes)
   return result
 
 
