@@ -67,7 +67,8 @@ def write_voc_tree(labels_dir: pathlib.Path, root: pathlib.Path, copies: int) ->
   for image_id in ids:
     for copy in range(copies):
       name = f'{image_id}_{copy:04d}'
-      shutil.copyfile(labels_dir / 'JPEGImages' / f'{image_id}.jpg', voc / 'JPEGImages' / f'{name}.jpg')
+      shutil.copyfile(labels_dir / 'JPEGImages' / f'{image_id}.jpg',
+                      voc / 'JPEGImages' / f'{name}.jpg')
       shutil.copyfile(labels_dir / 'SegmentationClass' / f'{image_id}.png',
                       voc / 'SegmentationClass' / f'{name}.png')
       names.append(name)
@@ -104,7 +105,7 @@ def jpeg_decode_batches(builder: tfds.core.DatasetBuilder, batch_size: int) -> I
 
 
 def estimated_step_time(crop_size: int, batch_size: int, peak_flops: float, mfu: float) -> float:
-  """3 x forward FLOPs per image (XLA cost analysis, no weights materialised) x batch / (peak x mfu)."""
+  """3 x forward FLOPs per image (XLA cost analysis, no weights made) x batch / (peak x mfu)."""
   import jax  # noqa: PLC0415 (only needed for the estimate)
   import jax.numpy as jnp  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415

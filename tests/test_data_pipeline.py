@@ -57,7 +57,8 @@ def synthetic(tmp_path_factory):
 
 
 def _stored_labels(builder, split: str) -> list[np.ndarray]:
-  return [example['label'][..., 0] for example in builder.as_dataset(split=split).as_numpy_iterator()]
+  examples = builder.as_dataset(split=split).as_numpy_iterator()
+  return [example['label'][..., 0] for example in examples]
 
 
 def _take(iterator, count: int) -> list[dict[str, np.ndarray]]:
@@ -102,7 +103,8 @@ def test_processes_split_each_global_batch_and_an_epoch_covers_every_example_onc
   def example_index(label: np.ndarray) -> int:
     matches = [i for i, original in enumerate(stored)
                if np.array_equal(label[:original.shape[0], :original.shape[1]], original)
-               and np.all(label[original.shape[0]:] == 255) and np.all(label[:, original.shape[1]:] == 255)]
+               and np.all(label[original.shape[0]:] == 255)
+               and np.all(label[:, original.shape[1]:] == 255)]
     assert len(matches) == 1
     return matches[0]
 
@@ -112,6 +114,14 @@ def test_processes_split_each_global_batch_and_an_epoch_covers_every_example_onc
     orders.append([example_index(label) for batch in epoch_batches for label in batch['label']])
     assert sorted(orders[-1]) == list(range(num_examples))
   assert orders[0] != orders[1]  # every epoch has its own permutation
+
+  # With random augmentation too, each process's rows are exactly its slice of the global batch.
+  _, augmenting = synthetic
+  single = next(pipeline.train_batches(builder, augmenting, **kwargs))
+  shares = [next(pipeline.train_batches(builder, augmenting, process_index=i, process_count=2,
+                                        **kwargs)) for i in range(2)]
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(np.concatenate([shares[0][key], shares[1][key]]), single[key])
 
 
 @pytest.mark.parametrize('scale', [0.6, 1.7])
@@ -242,7 +252,8 @@ def test_eval_keeps_images_whole_and_its_padding_is_never_scored(synthetic):
         original = unmatched.pop(key)
         assert np.abs(batch['image'][k, :h, :w].astype(int) - original['image']).max() <= 1
         assert np.all(batch['label'][k, h:] == 255) and np.all(batch['label'][k, :, w:] == 255)
-        assert np.all(batch['image'][k, h:] == PAD_PIXEL) and np.all(batch['image'][k, :, w:] == PAD_PIXEL)
+        assert np.all(batch['image'][k, h:] == PAD_PIXEL)
+        assert np.all(batch['image'][k, :, w:] == PAD_PIXEL)
         valid_pixels = original['label'][..., 0] != 255
         np.add.at(expected, (original['label'][..., 0][valid_pixels],
                              predictions[k, :h, :w][valid_pixels]), 1)
