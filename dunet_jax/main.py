@@ -10,6 +10,10 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from dunet_jax import cpu_flags  # noqa: E402
+
+cpu_flags.apply()
+
 import jax  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -30,10 +34,16 @@ flags.mark_flags_as_required(['config', 'workdir'])
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, FloatingPointError)
 
 
-def _in_multiprocess_cluster() -> bool:
-  """A TPU pod slice with several hosts, or a SLURM job with several tasks."""
-  tpu_hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
-  return ',' in tpu_hosts or int(os.environ.get('SLURM_NTASKS', '1')) > 1
+def _initialize_processes() -> None:
+  """Joins a multi-process job: explicit flags, or whatever jax detects (Cloud TPU, SLURM, MPI)."""
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU processes; no effect on TPU/GPU
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    return
+  try:
+    jax.distributed.initialize()
+  except ValueError:  # no cluster detected: one process
+    pass
 
 
 def _quiet_library_info(record) -> bool:
@@ -46,12 +56,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   tf.config.set_visible_devices([], 'GPU')  # tf.data only; accelerators belong to jax
   logging.get_absl_handler().addFilter(_quiet_library_info)
-  if FLAGS.coordinator_address or _in_multiprocess_cluster():
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU processes; no effect on TPU/GPU
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif _in_multiprocess_cluster():
-    jax.distributed.initialize()
+  _initialize_processes()
   logging.info('Process %d of %d; %d local / %d global devices (%s).', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   try:

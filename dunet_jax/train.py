@@ -60,6 +60,7 @@ def _variable_name(path: tuple) -> str:
 
 
 def create_model(config: ml_collections.ConfigDict, fitted_w: np.ndarray | None) -> dunet.DUNet:
+  """A freshly initialised DUNet, with W and ImageNet backbone weights when given."""
   from dunet_jax.models import pretrained  # only needed when a backbone checkpoint is given
   model = dunet.DUNet(config.model, config.data.num_classes, reconstruction=fitted_w,
                       rngs=nnx.Rngs(config.seed))
