@@ -10,6 +10,7 @@ import pathlib
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from configs import synthetic as synthetic_config
@@ -286,3 +287,14 @@ def test_batch_size_must_divide_over_processes(synthetic):
   with pytest.raises(ValueError, match=r'train\.batch_size=6'):
     pipeline.train_batches(builder, config, split='train', global_batch_size=6, seed=0,
                            process_count=4)
+
+
+def test_context_59_class_labels_ignore_background():
+  """PASCAL Context stores 60 classes; the paper's 59-class protocol ignores background."""
+  from configs import context
+  stored = np.array([[0, 1, 30, 59, 255]], np.uint8)
+  png = tf.io.encode_png(stored[..., None])
+  config = context.get_config()
+  np.testing.assert_array_equal(pipeline._label_decoder(config.data)(png).numpy(), [[255, 0, 29, 58, 255]])
+  config.data.context_classes = 60
+  np.testing.assert_array_equal(pipeline._label_decoder(config.data)(png).numpy(), stored)

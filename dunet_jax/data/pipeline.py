@@ -25,6 +25,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from dunet_jax.data import datasets
+
 tf.config.set_visible_devices([], 'GPU')
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -92,9 +94,10 @@ def eval_batches(builder: tfds.core.DatasetBuilder, data_config: ml_collections.
   part_size = builder.info.splits[part].num_examples
   image_canvas = _canvas(pad_size, _pad_pixel(data_config))
   label_canvas = _canvas(pad_size, [IGNORE_LABEL])
+  decode_label = _label_decoder(data_config)
 
   def pad_example(features):
-    label = tf.io.decode_png(features['label'], channels=1)[..., 0]
+    label = decode_label(features['label'])
     height, width = tf.shape(label)[0], tf.shape(label)[1]
     fits = tf.logical_and(height <= pad_size, width <= pad_size)
     out = {'label': _pad_to(label[:pad_size, :pad_size], label_canvas),
@@ -152,6 +155,22 @@ def _encoded_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, t
   return dataset.batch(num_examples).get_single_element()
 
 
+def _label_decoder(data_config: ml_collections.ConfigDict):
+  """PNG bytes -> (H, W) uint8 class ids, in the convention the config asks for.
+
+  Only PASCAL Context with 59 classes relabels (background -> 255, others -1); see
+  datasets.label_lookup.
+  """
+  lookup = datasets.label_lookup(data_config)
+  table = None if lookup is None else tf.constant(lookup, tf.uint8)
+
+  def decode_label(png_bytes: tf.Tensor) -> tf.Tensor:
+    label = tf.io.decode_png(png_bytes, channels=1)[..., 0]
+    return label if table is None else tf.gather(table, tf.cast(label, tf.int32))
+
+  return decode_label
+
+
 def _train_augmentation(data_config: ml_collections.ConfigDict):
   """(jpeg bytes, png bytes, key) -> {'image', 'label'}: scale, pad, crop, flip, photometric."""
   crop = int(data_config.crop_size)
@@ -162,6 +181,7 @@ def _train_augmentation(data_config: ml_collections.ConfigDict):
   flip, photometric = bool(data_config.flip), bool(data_config.photometric)
   image_canvas = _canvas(crop, _pad_pixel(data_config))
   label_canvas = _canvas(crop, [IGNORE_LABEL])
+  decode_label = _label_decoder(data_config)
 
   def augment(image_bytes, label_bytes, key):
     uniform = tf.random.stateless_uniform([_NUM_RANDOM_VALUES], key)
@@ -181,7 +201,7 @@ def _train_augmentation(data_config: ml_collections.ConfigDict):
     image = _pad_to(tf.cast(image + 0.5, tf.uint8), image_canvas)
 
     # Whole-row gathers are copies; transposing makes the column gather one too.
-    label = tf.io.decode_png(label_bytes, channels=1)[..., 0]
+    label = decode_label(label_bytes)
     label = tf.transpose(tf.gather(tf.transpose(tf.gather(label, rows)), cols))
     label = _pad_to(label, label_canvas)
     return {'image': tf.ensure_shape(image, [crop, crop, 3]),
