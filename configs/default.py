@@ -32,7 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
   data.pad_pixel = (124, 116, 104)  # training/eval padding colour: ImageNet mean pixel (0..255)
   data.eval_pad_size = 512           # eval images are padded (never resized) to this square size
   data.skip_bad_files = False        # True: skip unreadable / invalid files at build time and count them
-  data.shuffle_buffer = 2048
 
   config.model = model = ml_collections.ConfigDict()
   model.backbone = 'resnet'          # 'resnet' | 'xception'

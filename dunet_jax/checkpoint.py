@@ -32,7 +32,7 @@ RECONSTRUCTION_FILE = 'reconstruction.npz'
 # Config keys that may differ between a run and its resumption: where files live, how
 # often things happen, evaluation settings and the device layout. Everything else changes
 # what is trained, so resuming with another value is refused.
-RESUMABLE_CHANGES = ('data.manual_dir', 'data.tfds_data_dir', 'data.shuffle_buffer', 'data.skip_bad_files',
+RESUMABLE_CHANGES = ('data.manual_dir', 'data.tfds_data_dir', 'data.skip_bad_files',
                      'train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
                      'train.keep_checkpoints', 'train.peak_flops', 'eval.', 'mesh.')
 
