@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 16              # global batch over all devices and processes
+  train.optimizer = 'sgd'            # 'sgd' with momentum (the paper) | 'adamw' (faster from scratch)
   train.num_steps = 30000
   train.learning_rate = 0.007
   train.poly_power = 0.9

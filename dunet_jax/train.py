@@ -42,7 +42,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int) -> ja
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
-  """SGD with momentum, poly learning rate, and weight decay on conv/linear kernels only.
+  """SGD with momentum (the paper; or AdamW), poly learning rate, weight decay on kernels only.
 
   BatchNorm scales and biases, the temperature T and a trainable W are not decayed: decaying W
   pulls it away from the label subspace it was fitted to (one of the reimplementations' faults).
@@ -50,8 +50,12 @@ def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> opta
   schedule = optax.polynomial_schedule(init_value=config.train.learning_rate, end_value=0.0,
                                        power=config.train.poly_power, transition_steps=config.train.num_steps)
   decay_mask = jax.tree_util.tree_map_with_path(lambda path, _: _variable_name(path) == 'kernel', params)
-  return optax.chain(optax.add_decayed_weights(config.train.weight_decay, mask=decay_mask),
-                     optax.sgd(schedule, momentum=config.train.momentum))
+  if config.train.optimizer == 'sgd':
+    return optax.chain(optax.add_decayed_weights(config.train.weight_decay, mask=decay_mask),
+                       optax.sgd(schedule, momentum=config.train.momentum))
+  if config.train.optimizer == 'adamw':
+    return optax.adamw(schedule, weight_decay=config.train.weight_decay, mask=decay_mask)
+  raise ValueError(f'config.train.optimizer={config.train.optimizer!r}: use "sgd" (the paper) or "adamw".')
 
 
 def _variable_name(path: tuple) -> str:
