@@ -5,7 +5,6 @@ trees whose images and labels are chosen so that the pipeline's output can be ch
 numpy references: iid random labels pin down the exact nearest-neighbour window, and images
 coloured by their label block show that image and label stay aligned through scale/crop/flip.
 """
-import io
 import pathlib
 
 import numpy as np
