@@ -536,8 +536,8 @@ def _window_loss(params: dict, windows: jax.Array, num_classes: int) -> jax.Arra
 
 
 def fit_sgd(label_batches: Iterable[np.ndarray | jax.Array], *, ratio: int, num_classes: int,
-            num_components: int, mesh: Mesh | None = None, steps: int = 3000,
-            batch_windows: int = 4096, learning_rate: float = 3e-3, seed: int = 0) -> SgdFit:
+            num_components: int, mesh: Mesh | None = None, steps: int = 2000,
+            batch_windows: int = 1024, learning_rate: float = 1e-2, seed: int = 0) -> SgdFit:
   """The paper's alternative: P and W fitted by Adam on the mean of ||v - W P v||^2 over windows.
 
   Each step uses every uniform window exactly (one per class, weighted by its count) plus a random
