@@ -1,13 +1,28 @@
-"""Shared test setup: 8 fake CPU devices (set before jax is used) and the real VOC labels."""
+"""Shared test setup: 8 fake CPU devices (set before jax is used), a session-wide XLA compilation
+cache, and the real VOC labels."""
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+# Many tests start `python -m dunet_jax...` processes that compile the same programs (train step,
+# evaluation, W fitting); without a cache each process spends most of its time compiling them again.
+# The cache lives for one pytest session and is shared by its xdist workers and every process they
+# start (they inherit the environment); a directory the caller set in the environment is used as is.
+CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+OWN_CACHE = CACHE_ENV not in os.environ
+if OWN_CACHE:
+  os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix='dunet_jax_test_xla_cache_')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 << 30))  # a size turns on jax's file lock
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+jax.config.update('jax_compilation_cache_dir', os.environ[CACHE_ENV])
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOC_LABELS_DIR = REPO_ROOT.parent / 'shared' / 'data' / 'voc2012_labels'
@@ -19,3 +34,9 @@ def voc_labels_dir() -> pathlib.Path:
   if not (VOC_LABELS_DIR / 'SegmentationClass').is_dir():
     pytest.skip(f'real VOC labels not found at {VOC_LABELS_DIR}: tests that need them are skipped')
   return VOC_LABELS_DIR
+
+
+def pytest_unconfigure(config) -> None:
+  """Removes this session's compilation cache (xdist workers inherit it and leave it to the controller)."""
+  if OWN_CACHE and not hasattr(config, 'workerinput'):
+    shutil.rmtree(os.environ[CACHE_ENV], ignore_errors=True)

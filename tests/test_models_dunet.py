@@ -8,19 +8,20 @@ from flax import nnx
 
 from configs import voc
 from dunet_jax.models.dunet import DUNet, build_backbone
+from test_inference import random_model
 
 NUM_CLASSES = 21
 
 
-def _orthonormal_w(config) -> np.ndarray:
-  ratio, components = config.model.output_stride, config.model.num_components
-  random = np.random.RandomState(0).randn(ratio * ratio * NUM_CLASSES, components)
-  return np.linalg.qr(random)[0].astype(np.float32)
-
-
 def _model(preset: str) -> DUNet:
+  """The preset's tiny DUNet with random He-normal kernels and an orthonormal W, filled in numpy.
+
+  Built abstractly (every module constructor runs) and filled without compiling one initializer
+  per parameter shape, which took most of these tests' time.
+  """
   config = voc.get_config(preset + ',tiny')
-  return DUNet(config.model, NUM_CLASSES, reconstruction=_orthonormal_w(config), rngs=nnx.Rngs(0))
+  assert config.data.num_classes == NUM_CLASSES
+  return random_model(config)
 
 
 @jax.jit(static_argnums=0)
@@ -93,4 +94,4 @@ def test_bad_presets_and_feature_names_are_clear_errors():
   config = voc.get_config('r50_os16,tiny')
   config.model.fuse_features = ('b1u3c3',)
   with pytest.raises(ValueError, match='model.fuse_features'):
-    DUNet(config.model, NUM_CLASSES, reconstruction=None, rngs=nnx.Rngs(0))
+    nnx.eval_shape(lambda: DUNet(config.model, NUM_CLASSES, reconstruction=None, rngs=nnx.Rngs(0)))
