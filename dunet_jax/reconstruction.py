@@ -92,24 +92,20 @@ class WindowMoments:
     return moment.reshape(self.size, self.size)
 
   def matmul(self, x: np.ndarray) -> np.ndarray:
-    """M @ x for x (N, K), from the blocks and counts (never forms M): one matmul per class."""
+    """M @ x for x (N, K), from the blocks and counts (never forms M): two matmuls per block.
+
+    Works block by block rather than on rows of blocks put side by side, so that it needs no
+    memory beyond the blocks themselves (at r = 32 with 60 classes each block is 8 MB and there
+    can be over a thousand of them).
+    """
     pixels, num_classes = self.ratio * self.ratio, self.num_classes
     per_class = x.reshape(pixels, num_classes, -1).transpose(1, 0, 2)
     out = np.repeat(self.uniform_counts[:, None, None] * per_class.sum(1, keepdims=True), pixels, axis=1)
-    for c, (partners, rows) in self._rows().items():
-      out[c] += rows @ per_class[partners].reshape(len(partners) * pixels, -1)
+    for (c, d), block in self.blocks.items():
+      out[c] += block @ per_class[d]
+      if c != d:
+        out[d] += block.T @ per_class[c]
     return out.transpose(1, 0, 2).reshape(x.shape)
-
-  def _rows(self) -> dict[int, tuple[list[int], np.ndarray]]:
-    """Per class c: the classes d it meets and [B_cd for those d] side by side (cached)."""
-    if getattr(self, '_cached_rows', None) is None:
-      partners = collections.defaultdict(dict)
-      for (c, d), block in self.blocks.items():
-        partners[c][d] = block
-        partners[d][c] = block.T
-      self._cached_rows = {c: (sorted(row), np.concatenate([row[d] for d in sorted(row)], axis=1))
-                           for c, row in partners.items()}
-    return self._cached_rows
 
 
 def local_mesh(mesh: Mesh | None) -> Mesh:

@@ -88,6 +88,29 @@ def test_objects_are_mostly_learnable_sizes(generated):
   assert np.mean((extents >= 15) & (extents <= 70)) > 0.7
 
 
+def test_colour_family_narrows_a_class_to_two_shapes(generated):
+  """An object's mean hue (HSV, read back from the JPEG) is nearest its family's; families hold two."""
+  import colorsys  # noqa: PLC0415
+  families = {}
+  for class_id, family in synthetic.FAMILY_OF_CLASS.items():
+    families.setdefault(family, []).append(class_id)
+  assert sorted(len(classes) for classes in families.values()) == [2] * 10
+  hits, checked = 0, 0
+  family_hues = np.array(synthetic.COLOUR_FAMILY_HUES)
+  for image_id in _ids(generated, 'train'):
+    label = _label(generated, image_id)
+    image = np.asarray(Image.open(generated / 'JPEGImages' / f'{image_id}.jpg'), np.float64) / 255
+    for class_id in set(np.unique(label).tolist()) - {0, 255}:
+      pixels = image[label == class_id]
+      hues = np.array([colorsys.rgb_to_hsv(*pixel)[0] for pixel in pixels[::7]])
+      angle = np.angle(np.mean(np.exp(2j * np.pi * hues))) / (2 * np.pi) % 1.0
+      distance = np.abs(angle - family_hues)
+      nearest = np.argmin(np.minimum(distance, 1 - distance))
+      hits += nearest == synthetic.FAMILY_OF_CLASS[class_id]
+      checked += 1
+  assert checked > 40 and hits / checked > 0.95
+
+
 def test_deterministic_and_splits_independent(tmp_path, generated):
   again = synthetic.generate(tmp_path / 'again', num_train=5, num_val=12, seed=3)
   for image_id in _ids(again, 'train') + _ids(again, 'val'):

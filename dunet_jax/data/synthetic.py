@@ -1,10 +1,11 @@
 """The built-in dataset: shapes on cluttered backgrounds, written exactly like PASCAL VOC 2012.
 
 It exists so that the whole system (builder, pipeline, W, training, evaluation) can be run and
-tested without downloading anything. Each of the 20 object classes is a shape family (disk, ring,
-fork, ...). Colours and textures are shared: a class has a home colour family that it uses most of
-the time, but each colour family is shared by four classes and every texture by all of them, and
-backgrounds draw from the same colours, so a net has to learn shape and context, not colour.
+tested without downloading anything. Each of the 20 object classes is a shape (disk, ring,
+fork, ...) painted in one of ten colour families (hues); each family is shared by two classes of
+clearly different shapes, every texture is shared by all classes, and the clutter on the greyer
+backgrounds draws from every hue. A class is therefore its colour family *and* its shape: colour
+narrows it to two, and only shape (and, where objects overlap, context) tells those apart.
 Thin parts (bars, fork teeth, ring and frame walls, the dumbbell's handle) are where DUpsample at
 output stride 32 can beat bilinear upsampling. Everything is a pure function of the seed.
 """
@@ -21,13 +22,18 @@ from dunet_jax.data import palette
 ShapeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 MIN_SIDE, MAX_SIDE = 96, 160       # image height and width are drawn independently, never equal
-MIN_OBJECT, MAX_OBJECT = 24, 64    # object extent in pixels (bars are longer and thin)
+MIN_OBJECT, MAX_OBJECT = 28, 72    # object extent in pixels (bars are longer and thin)
 VOID_WIDTH = 1                     # pixels on each side of an instance boundary marked 255
 JPEG_QUALITY = 90
-COLOUR_FAMILY_HUES = (0.0, 0.14, 0.33, 0.58, 0.8)  # red, yellow, green, blue, purple
-HOME_COLOUR_PROBABILITY = 0.85
-BACKGROUND_GREYING = 0.4           # backgrounds are less saturated than objects (but share their hues)
+# Ten colour families (hues), each painted on two classes of clearly different shapes.
+COLOUR_FAMILY_HUES = (0.0, 0.07, 0.14, 0.25, 0.33, 0.45, 0.52, 0.62, 0.75, 0.88)
+COLOUR_FAMILIES = (('disk', 'fork'), ('square', 'ring'), ('triangle', 'bar'), ('star', 'frame'),
+                   ('heart', 'hourglass'), ('ellipse', 'plus'), ('crescent', 'letter_h'),
+                   ('half_disk', 'dumbbell'), ('arrow', 'horseshoe'), ('tee', 'ell'))
+HUE_JITTER = 0.015                 # standard deviation of an object's hue around its family's
+BACKGROUND_GREYING = 0.6           # backgrounds are less saturated than objects (but share their hues)
 MARKER_FILE = 'synthetic.json'     # written last: its presence means the tree is complete
+GENERATOR_VERSION = 2              # bump when scenes change, so that old trees are regenerated
 
 
 def _radius(u, v):
@@ -89,6 +95,9 @@ SHAPE_NAMES = tuple(SHAPES)
 CLASS_NAMES = ('background',) + SHAPE_NAMES
 NUM_CLASSES = len(CLASS_NAMES)
 BAR_CLASS = CLASS_NAMES.index('bar')
+FAMILY_OF_CLASS = {CLASS_NAMES.index(name): family
+                   for family, names in enumerate(COLOUR_FAMILIES) for name in names}
+assert sorted(FAMILY_OF_CLASS) == list(range(1, NUM_CLASSES)), 'every class needs one colour family'
 
 
 def _random_colour(rng: np.random.Generator, family: int | None = None) -> np.ndarray:
@@ -96,7 +105,7 @@ def _random_colour(rng: np.random.Generator, family: int | None = None) -> np.nd
   if family is None:
     hue, saturation, value = rng.random(), rng.uniform(0.15, 1.0), rng.uniform(0.25, 1.0)
   else:
-    hue = (COLOUR_FAMILY_HUES[family] + rng.normal(0, 0.03)) % 1.0
+    hue = (COLOUR_FAMILY_HUES[family] + rng.normal(0, HUE_JITTER)) % 1.0
     saturation, value = rng.uniform(0.5, 1.0), rng.uniform(0.45, 1.0)
   return 255 * np.array(colorsys.hsv_to_rgb(hue, saturation, value), dtype=np.float32)
 
@@ -151,7 +160,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 def _object_extent(rng: np.random.Generator, class_id: int) -> tuple[float, float]:
   """Half-extents (along u, along v) in pixels."""
   if class_id == BAR_CLASS:
-    return rng.uniform(20, 45), rng.uniform(2.0, 3.5)
+    return rng.uniform(20, 45), rng.uniform(2.5, 4.0)
   size = rng.uniform(MIN_OBJECT, MAX_OBJECT) / 2
   aspect = np.sqrt(rng.uniform(0.8, 1.25))
   return size * aspect, size / aspect
@@ -188,9 +197,8 @@ def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     u = ((x - cx) * cos + (y - cy) * sin) / half_u
     v = (-(x - cx) * sin + (y - cy) * cos) / half_v
     mask = SHAPES[CLASS_NAMES[class_id]](u, v)
-    family = (class_id - 1) % len(COLOUR_FAMILY_HUES)
-    first = _random_colour(rng, family if rng.random() < HOME_COLOUR_PROBABILITY else None)
-    fill = _texture(rng, x, y, first, _random_colour(rng))
+    family = FAMILY_OF_CLASS[class_id]
+    fill = _texture(rng, x, y, _random_colour(rng, family), _random_colour(rng, family))
     image[top:bottom, left:right][mask] = fill[mask]
     label[top:bottom, left:right][mask] = class_id
     instances[top:bottom, left:right][mask] = instance
@@ -225,7 +233,7 @@ def generate(root: str | pathlib.Path, num_train: int, num_val: int, seed: int) 
   lists['trainval'] = lists['train'] + lists['val']
   for split, ids in lists.items():
     (voc_dir / 'ImageSets' / 'Segmentation' / f'{split}.txt').write_text(''.join(f'{i}\n' for i in ids))
-  marker = {'num_train': num_train, 'num_val': num_val, 'seed': seed}
+  marker = _marker(num_train, num_val, seed)
   (voc_dir / MARKER_FILE).write_text(json.dumps(marker))
   return voc_dir
 
@@ -235,4 +243,8 @@ def is_generated(root: str | pathlib.Path, num_train: int, num_val: int, seed: i
   marker = pathlib.Path(root) / 'VOCdevkit' / 'VOC2012' / MARKER_FILE
   if not marker.is_file():
     return False
-  return json.loads(marker.read_text()) == {'num_train': num_train, 'num_val': num_val, 'seed': seed}
+  return json.loads(marker.read_text()) == _marker(num_train, num_val, seed)
+
+
+def _marker(num_train: int, num_val: int, seed: int) -> dict:
+  return {'num_train': num_train, 'num_val': num_val, 'seed': seed, 'version': GENERATOR_VERSION}
