@@ -69,6 +69,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.decoder_channels = 16
     model.fuse_channels = 8
     model.num_components = 16
+    # SGD's updates are linear in the gradients, so runs on different device topologies agree to
+    # float precision, which the fault-tolerance tests check; Adam's normalisation turns float-level
+    # differences in near-zero gradients into large parameter differences.
+    train.optimizer = 'sgd'
+    train.learning_rate = 0.02
     train.batch_size = 8
     train.num_steps = 6
     train.log_every = 2
