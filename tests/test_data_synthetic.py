@@ -1,4 +1,5 @@
 """The built-in dataset: VOC 2012 layout, VOC palette, void bands, varied sizes, determinism."""
+import colorsys
 import pathlib
 
 import numpy as np
@@ -90,7 +91,6 @@ def test_objects_are_mostly_learnable_sizes(generated):
 
 def test_colour_family_narrows_a_class_to_two_shapes(generated):
   """An object's mean hue (HSV, read back from the JPEG) is nearest its family's; families hold two."""
-  import colorsys  # noqa: PLC0415
   families = {}
   for class_id, family in synthetic.FAMILY_OF_CLASS.items():
     families.setdefault(family, []).append(class_id)

@@ -80,8 +80,10 @@ def test_cross_entropy_ignores_void_and_matches_numpy():
   np.testing.assert_allclose(float(train.cross_entropy(logits, labels, 255)), expected, rtol=1e-5)
 
 
-def test_weight_decay_applies_to_kernels_only():
+@pytest.mark.parametrize('optimizer', ['sgd', 'adamw'])  # the paper's, and the demo's
+def test_weight_decay_applies_to_kernels_only(optimizer):
   config = _tiny_config()
+  config.train.optimizer = optimizer
   model = train.create_model(config, _fitted_w(config))
   _, params, _ = checkpoint.split_model(model)
   tx = train.make_optimizer(config, params)
@@ -125,8 +127,12 @@ def _main(workdir, *overrides, check=True, env=None):
                         env={**os.environ, **(env or {})}, timeout=600)
 
 
+def _data_dirs(tmp_path) -> dict[str, str]:
+  return {'manual_dir': f'{tmp_path}/manual', 'tfds_data_dir': f'{tmp_path}/tfds'}
+
+
 def _data_overrides(tmp_path):
-  return [f'--config.data.manual_dir={tmp_path}/manual', f'--config.data.tfds_data_dir={tmp_path}/tfds']
+  return [f'--config.data.{key}={value}' for key, value in _data_dirs(tmp_path).items()]
 
 
 def test_unknown_config_key_names_the_key(tmp_path):
@@ -157,7 +163,7 @@ def test_main_trains_checkpoints_and_resumes(tmp_path):
   # The refusal happens before any work, so it is checked in-process (the CLI's one-line error
   # message for user errors is checked by test_missing_dataset_directory_names_the_path).
   incompatible = _tiny_config()
-  incompatible.data.manual_dir, incompatible.data.tfds_data_dir = f'{tmp_path}/manual', f'{tmp_path}/tfds'
+  incompatible.data.update(_data_dirs(tmp_path))
   incompatible.model.num_components = 8
   with pytest.raises(ValueError, match='model.num_components'):
     train.train_and_evaluate(incompatible, workdir)
