@@ -311,6 +311,14 @@ class _MomentAccumulator:
     return _sum_over_processes(moments) if jax.process_count() > 1 else moments
 
 
+def _allgather_counts(counts: np.ndarray) -> np.ndarray:
+  """Every process's integer counts, stacked, exactly (int32 on the wire: float32 would round above 2**24)."""
+  if counts.size and counts.max() >= 2 ** 31:
+    raise ValueError(f'A window count ({counts.max():.0f}) does not fit in int32: fit W on fewer '
+                     'label maps (config.train.w_num_images).')
+  return np.asarray(multihost_utils.process_allgather(counts.astype(np.int32))).astype(np.int64)
+
+
 def _sum_over_processes(moments: WindowMoments) -> WindowMoments:
   """Adds every process's counts and blocks (the union of the pairs each process saw)."""
   num_classes, pixels = moments.num_classes, moments.ratio ** 2
@@ -321,8 +329,8 @@ def _sum_over_processes(moments: WindowMoments) -> WindowMoments:
   pairs = [tuple(pair) for pair in np.argwhere(seen)]
   stacked = np.stack([moments.blocks.get(pair, np.zeros((pixels, pixels))) for pair in pairs])
   scalars = np.concatenate([moments.uniform_counts, [moments.num_windows, moments.num_mixed_windows]])
-  stacked = np.asarray(multihost_utils.process_allgather(stacked.astype(np.float32))).sum(0)
-  scalars = np.asarray(multihost_utils.process_allgather(scalars)).sum(0)
+  stacked = _allgather_counts(stacked).sum(0)
+  scalars = _allgather_counts(scalars).sum(0)
   return WindowMoments(moments.ratio, num_classes, scalars[:num_classes].astype(np.int64),
                        {pair: block.astype(np.float64) for pair, block in zip(pairs, stacked)},
                        int(scalars[num_classes]), int(scalars[num_classes + 1]))
