@@ -288,6 +288,52 @@ def test_batch_size_must_divide_over_processes(synthetic):
                            process_count=4)
 
 
+def _jpeg(height: int, width: int) -> bytes:
+  return tf.io.encode_jpeg(tf.zeros([height, width, 3], tf.uint8)).numpy()
+
+
+def _png(label: np.ndarray) -> bytes:
+  return tf.io.encode_png(label[..., None]).numpy()
+
+
+def test_training_labels_are_decoded_once_transposed_and_relabelled(monkeypatch):
+  """train_batches decodes every label when it starts, applying the config's lookup once."""
+  from configs import context
+  monkeypatch.setattr(pipeline, '_LABEL_DECODING_BATCH', 2)  # several batches, padded
+  rng = np.random.default_rng(0)
+  stored = [rng.integers(0, 60, size, dtype=np.uint8) for size in [(3, 5), (4, 2), (6, 6)]]
+  stored[0][0, 0] = 255
+  data = context.get_config().data
+  records = pipeline.decoded_labels(
+      tf.constant([_jpeg(*label.shape) for label in stored]),
+      tf.constant([_png(label) for label in stored]), tf.constant(['a', 'b', 'c']),
+      pipeline._label_decoder(data), where='split train', num_threads=1)
+  np.testing.assert_array_equal(records.sizes.numpy(), [label.shape for label in stored])
+  assert records.labels.shape == (sum(label.size for label in stored),)
+  lookup = datasets.label_lookup(data)
+  for i, label in enumerate(stored):
+    columns = records.label_columns(tf.constant(i), records.sizes[i])
+    np.testing.assert_array_equal(columns.numpy(), lookup[label].T)
+  assert lookup[255] == 255 and lookup[0] == 255 and lookup[59] == 58
+
+
+def test_an_undecodable_or_mis_sized_training_example_stops_the_start_with_its_id(monkeypatch):
+  monkeypatch.setattr(pipeline, '_LABEL_DECODING_BATCH', 2)
+  decode = pipeline._label_decoder(synthetic_config.get_config('test').data)
+  png = _png(np.zeros((4, 6), np.uint8))
+
+  def start(images, labels):
+    pipeline.decoded_labels(tf.constant(images), tf.constant(labels), tf.constant(['a', 'b', 'c']),
+                            decode, where="split 'train'")
+
+  with pytest.raises(ValueError, match=r"'c' of split 'train': its label PNG cannot be decoded"):
+    start([_jpeg(4, 6)] * 3, [png, png, png[:len(png) // 2]])
+  with pytest.raises(ValueError, match=r"'b' of split 'train': its label is 4x6 but its image 6x4"):
+    start([_jpeg(4, 6), _jpeg(6, 4), _jpeg(4, 6)], [png] * 3)
+  with pytest.raises(ValueError, match=r"'a' of split 'train': its JPEG header cannot be decoded"):
+    start([b'not a JPEG', _jpeg(4, 6), _jpeg(4, 6)], [png] * 3)
+
+
 def test_context_59_class_labels_ignore_background():
   """PASCAL Context stores 60 classes; the paper's 59-class protocol ignores background."""
   from configs import context
