@@ -11,6 +11,9 @@ are orthonormal, so W x for a well-formed code x = W^T v lies in [0, 1]; with T 
 the classes differ by less than 1 and the net spends hundreds of steps shrinking T before it can be
 confident, while T = 0.1 gives useful logits from the first steps (T stays learnable either way).
 The backbone keeps its depth at 1/16 resolution (three blocks in stage 3), where it is cheap.
+C' = 128 rather than the paper's 64: the built-in shapes are thinner than VOC's objects, and
+`python -m dunet_jax.upper_bound` on their labels (r = 16) reconstructs val at 91.5 mIoU with
+C' = 64 but 99.0 with C' = 128 (VOC: 99.7 already with 64).
 """
 import ml_collections
 
@@ -46,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.fuse_convs = 0
   model.decoder_convs = 2
   model.decoder_channels = 128
-  model.num_components = 64
+  model.num_components = 128
   model.compute_dtype = 'float32'   # bfloat16 is slow on XLA:CPU
   model.temperature_init = 0.1
 

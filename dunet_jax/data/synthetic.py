@@ -25,15 +25,17 @@ MIN_SIDE, MAX_SIDE = 96, 160       # image height and width are drawn independen
 MIN_OBJECT, MAX_OBJECT = 28, 72    # object extent in pixels (bars are longer and thin)
 VOID_WIDTH = 1                     # pixels on each side of an instance boundary marked 255
 JPEG_QUALITY = 90
-# Ten colour families (hues), each painted on two classes of clearly different shapes.
+# Ten colour families (hues), each painted on two classes of clearly different shapes: a filled
+# blob and an open or thin figure. (Pairs of look-alikes such as tee / ell or crescent / letter_h
+# were what the demo's small net confused most when families held them.)
 COLOUR_FAMILY_HUES = (0.0, 0.07, 0.14, 0.25, 0.33, 0.45, 0.52, 0.62, 0.75, 0.88)
-COLOUR_FAMILIES = (('disk', 'fork'), ('square', 'ring'), ('triangle', 'bar'), ('star', 'frame'),
-                   ('heart', 'hourglass'), ('ellipse', 'plus'), ('crescent', 'letter_h'),
-                   ('half_disk', 'dumbbell'), ('arrow', 'horseshoe'), ('tee', 'ell'))
+COLOUR_FAMILIES = (('disk', 'tee'), ('square', 'crescent'), ('triangle', 'bar'), ('star', 'letter_h'),
+                   ('heart', 'ell'), ('ellipse', 'fork'), ('half_disk', 'plus'),
+                   ('hourglass', 'horseshoe'), ('arrow', 'frame'), ('dumbbell', 'ring'))
 HUE_JITTER = 0.015                 # standard deviation of an object's hue around its family's
 BACKGROUND_GREYING = 0.6           # backgrounds are less saturated than objects (but share their hues)
 MARKER_FILE = 'synthetic.json'     # written last: its presence means the tree is complete
-GENERATOR_VERSION = 2              # bump when scenes change, so that old trees are regenerated
+GENERATOR_VERSION = 3              # bump when scenes change, so that old trees are regenerated
 
 
 def _radius(u, v):
