@@ -63,11 +63,24 @@ def _variable_name(path: tuple) -> str:
   return [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)][-1]
 
 
+# XLA:CPU spends about a second on every compile, however small the program: eager initialisation
+# compiles one program per parameter shape (tens of seconds for a DUNet), so `create_model` compiles
+# the whole initialisation as one program, without LLVM's costly optimisations (it runs once).
+_FAST_CPU_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
 def create_model(config: ml_collections.ConfigDict, fitted_w: np.ndarray | None) -> dunet.DUNet:
   """A freshly initialised DUNet, with W and ImageNet backbone weights when given."""
   from dunet_jax.models import pretrained  # only needed when a backbone checkpoint is given
-  model = dunet.DUNet(config.model, config.data.num_classes, reconstruction=fitted_w,
-                      rngs=nnx.Rngs(config.seed))
+
+  def make() -> dunet.DUNet:
+    return dunet.DUNet(config.model, config.data.num_classes, reconstruction=fitted_w,
+                       rngs=nnx.Rngs(config.seed))
+
+  graphdef = nnx.graphdef(nnx.eval_shape(make))
+  options = _FAST_CPU_COMPILE if jax.default_backend() == 'cpu' else None
+  initialise = jax.jit(lambda: nnx.state(make()), compiler_options=options)
+  model = nnx.merge(graphdef, initialise())
   if config.model.pretrained:
     pretrained.load_backbone_weights(model.backbone, config.model.pretrained)
   return model
