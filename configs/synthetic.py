@@ -4,7 +4,7 @@
 generates the images into data.manual_dir, builds them with the same TFDS builder as real VOC,
 fits W, trains, evaluates, and checkpoints. The ":test" preset (configs/synthetic.py:test) is a seconds-long variant for tests.
 
-The demo trains from scratch on two CPU cores in about eight minutes, so it departs from the
+The demo trains from scratch on two CPU cores in about nine minutes, so it departs from the
 paper's ImageNet-initialised SGD recipe where that recipe is slow without pretrained weights:
 AdamW, small batches (more updates per CPU second), and T starting at 0.1 instead of 1. W's columns
 are orthonormal, so W x for a well-formed code x = W^T v lies in [0, 1]; with T = 1 the logits of

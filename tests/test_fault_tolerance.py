@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dunet_jax import checkpoint
+from dunet_jax import checkpoint, reconstruction, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 20
@@ -136,8 +136,16 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process(tmp_path, data_dir):
-  """2 processes x 2 CPU devices (gloo) train like 1 process x 4 devices on the same global batch."""
-  steps = ['--config.train.num_steps=4', '--config.train.checkpoint_every=4']
+  """2 processes x 2 CPU devices (gloo) take the same first step as 1 process x 4 devices.
+
+  Compared after one step, relative to each variable's update. At initialisation the stem's
+  gradients are sums of many nearly cancelling terms (batch norm follows every convolution), so
+  the different order of the cross-device sums moves them by up to about 2% of the update (the
+  stem's kernels and biases; deeper layers agree to 0.05%), and the runs then drift apart (about
+  30% after four steps). A wrong batch slice, a missing all-reduce of gradients or batch
+  statistics, or a different W changes every update by its own size.
+  """
+  steps = ['--config.train.num_steps=1', '--config.train.checkpoint_every=1']
   single = tmp_path / 'single'
   _run(single, data_dir, *steps, devices=4)
   multi = tmp_path / 'multi'
@@ -151,7 +159,19 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
   for process, output in zip(processes, outputs):
     assert process.returncode == 0, output[-3000:]
   assert 'Process 1 of 2' in outputs[1] and '4 global devices' in outputs[0]
+  w_single = reconstruction.load_reconstruction(single / checkpoint.RECONSTRUCTION_FILE)
+  w_multi = reconstruction.load_reconstruction(multi / checkpoint.RECONSTRUCTION_FILE)
+  assert w_multi.num_windows == w_single.num_windows
+  np.testing.assert_allclose(w_multi.w, w_single.w, atol=1e-6)
   step_single, expected = _params(single)
   step_multi, got = _params(multi)
-  assert step_single == step_multi == 4
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), got, expected)
+  assert step_single == step_multi == 1
+  config = checkpoint.load_config(single)
+  initial = jax.device_get(nnx.to_pure_dict(nnx.state(train.create_model(config, w_single.w))))
+
+  def check(path, got_leaf, expected_leaf, initial_leaf):
+    update = np.abs(np.asarray(expected_leaf, np.float64) - initial_leaf).max()
+    difference = np.abs(np.asarray(got_leaf, np.float64) - expected_leaf).max()
+    assert difference <= 0.05 * update + 1e-7, (jax.tree_util.keystr(path), difference, update)
+
+  jax.tree_util.tree_map_with_path(check, got, expected, initial)
