@@ -3,6 +3,7 @@ cache, and the real VOC labels."""
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -34,6 +35,14 @@ def voc_labels_dir() -> pathlib.Path:
   if not (VOC_LABELS_DIR / 'SegmentationClass').is_dir():
     pytest.skip(f'real VOC labels not found at {VOC_LABELS_DIR}: tests that need them are skipped')
   return VOC_LABELS_DIR
+
+
+@pytest.fixture
+def coordinator_address() -> str:
+  """A free localhost port for a jax.distributed coordinator of multi-process tests."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return f'localhost:{s.getsockname()[1]}'
 
 
 def pytest_unconfigure(config) -> None:

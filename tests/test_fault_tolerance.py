@@ -9,7 +9,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -129,13 +128,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process(tmp_path, data_dir):
+def test_two_processes_match_one_process(tmp_path, data_dir, coordinator_address):
   """2 processes x 2 CPU devices (gloo) take the same first step as 1 process x 4 devices.
 
   Compared after one step, relative to each variable's update. At initialisation the stem's
@@ -149,10 +142,10 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
   single = tmp_path / 'single'
   _run(single, data_dir, *steps, devices=4)
   multi = tmp_path / 'multi'
-  address = f'localhost:{_free_port()}'
   processes = [subprocess.Popen(
-      _command(multi, data_dir, *steps, extra_flags=(f'--coordinator_address={address}', '--num_processes=2',
-                                                      f'--process_id={index}')),
+      _command(multi, data_dir, *steps,
+               extra_flags=(f'--coordinator_address={coordinator_address}', '--num_processes=2',
+                            f'--process_id={index}')),
       cwd=REPO_ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for index in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in processes]

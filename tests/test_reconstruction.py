@@ -1,7 +1,6 @@
 """W fitting, compress / reconstruct and the W file, against brute-force numpy references."""
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -113,21 +112,18 @@ def test_eight_devices_equal_one_device(real_maps):
   np.testing.assert_allclose(w_eight, w_one, atol=1e-6)
 
 
-def test_two_processes_sum_their_moments(voc_labels_dir, tmp_path):
+def test_two_processes_sum_their_moments(voc_labels_dir, tmp_path, coordinator_address):
   """Two localhost processes (2 devices each), each reading half of 12 whole real maps, end with the
   moments of all 12 counted in one process."""
   ids = label_files.read_ids(voc_labels_dir / 'lists' / 'voc2012_train_1464.txt')[:12]
   maps = [pad(label_files.read_label(voc_labels_dir / 'SegmentationClass' / f'{i}.png'), 8) for i in ids]
   np.savez(tmp_path / 'maps.npz', **{f'{index:02d}': m for index, m in enumerate(maps)})
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    address = f'localhost:{s.getsockname()[1]}'
   repo_root = pathlib.Path(__file__).resolve().parents[1]
   env = {**os.environ, 'PYTHONPATH': str(repo_root)}
   processes = [subprocess.Popen(
-      [sys.executable, str(repo_root / 'tests' / 'two_process_moments.py'), str(tmp_path / 'maps.npz'), address,
-       str(index), str(tmp_path / 'moments.npz')], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for index in range(2)]
+      [sys.executable, str(repo_root / 'tests' / 'two_process_moments.py'), str(tmp_path / 'maps.npz'),
+       coordinator_address, str(index), str(tmp_path / 'moments.npz')],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
   for process in processes:
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 0, output[-3000:]
