@@ -8,7 +8,9 @@
 W is fitted on the train labels (one streaming PCA pass per ratio; top C' eigenvectors are nested,
 so one fit serves every C'). On every val map, at its original size (the 255 padding added to
 reach a multiple of r is never scored, nor is void):
-- DUpsample: codes W^T v of each r x r window, reconstruction W x placed back as pixels, argmax.
+- DUpsample: codes W^T v of each r x r window (`compress`), reconstruction W x placed back as pixels
+  by the model's depth-to-space (`reconstruct`), argmax. With --sgd_maps, also P and W fitted by
+  SGD (`fit_sgd`, the paper's alternative to PCA) beside PCA on the same maps.
 - Bilinear: the one-hot map (void = all zeros) brought to H/r x W/r, then bilinearly upsampled back
   (jax.image.resize 'bilinear', half-pixel centres) and argmaxed. Downsampling is either
   'area': the mean one-hot over each r x r window, void pixels left out (the class fractions of
@@ -20,20 +22,26 @@ Scores are one confusion matrix over the split (dunet_jax.metrics): mIoU and pix
 reconstruction error is the mean over windows (with a non-void pixel) of ||v - W W^T v||^2, on val
 (from the codes) and train (from the second moment). Prints a table, then one JSON line.
 """
+import dataclasses
 import functools
 import json
 import time
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app
 from absl import flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from dunet_jax import metrics
 from dunet_jax import reconstruction
 from dunet_jax.data import label_files
+from dunet_jax.models.dupsample import depth_to_space
+from dunet_jax.reconstruction import windows
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('label_dir', None, 'Folder of <id>.png label maps (class ids, 255 = void).')
@@ -65,9 +73,9 @@ def downsample_one_hot(labels: jax.Array, ratio: int, num_classes: int, downsamp
   one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   valid = (labels < num_classes).astype(jnp.float32)[..., None]
   if downsample == 'area':
-    windows = (batch, height // ratio, ratio, width // ratio, ratio, -1)
-    low = one_hot.reshape(windows).sum((2, 4))
-    weight = valid.reshape(windows).sum((2, 4))
+    window_shape = (batch, height // ratio, ratio, width // ratio, ratio, -1)
+    low = one_hot.reshape(window_shape).sum((2, 4))
+    weight = valid.reshape(window_shape).sum((2, 4))
   elif downsample == 'bilinear':
     low = jax.image.resize(one_hot, low_shape, 'bilinear', antialias=False)
     weight = jax.image.resize(valid, low_shape[:3] + (1,), 'bilinear', antialias=False)
@@ -82,6 +90,120 @@ def bilinear_prediction(labels: jax.Array, ratio: int, num_classes: int, downsam
   return jnp.argmax(jax.image.resize(low, (*labels.shape, num_classes), 'bilinear'), axis=-1)
 
 
+def compress(labels: jax.Array, w: jax.Array, ratio: int, num_classes: int) -> jax.Array:
+  """Codes x = W^T v of every window: (B, H, W) labels -> (B, H/r, W/r, C') float32.
+
+  v is one-hot, so W^T v is the sum over the window's pixels p of W's row (p, label): gathered
+  pixel by pixel (a scan over the r*r positions) instead of multiplying a one-hot matrix.
+  """
+  batch, height, width = labels.shape
+  if height % ratio or width % ratio:
+    raise ValueError(f'Label maps of size {height}x{width} are not a multiple of the ratio {ratio}: '
+                     f'pad them with {windows.VOID} first.')
+  w = jnp.asarray(w, jnp.float32)
+  rows = w.reshape(ratio * ratio, num_classes, -1)
+  rows = jnp.concatenate([rows, jnp.zeros_like(rows[:, :1])], axis=1)      # class C: void -> 0
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  labels = jnp.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+  per_pixel = labels.reshape(batch, height // ratio, ratio, width // ratio, ratio)
+  per_pixel = per_pixel.transpose(2, 4, 0, 1, 3).reshape(ratio * ratio, batch, height // ratio, width // ratio)
+
+  def add_pixel(codes, pixel):
+    pixel_rows, pixel_labels = pixel
+    return codes + pixel_rows[pixel_labels], None
+
+  initial = jnp.zeros((batch, height // ratio, width // ratio, w.shape[1]), jnp.float32)
+  codes, _ = jax.lax.scan(add_pixel, initial, (rows, per_pixel))
+  return codes
+
+
+def reconstruct(codes: jax.Array, w: jax.Array, ratio: int, num_classes: int) -> jax.Array:
+  """Scores W x placed back as pixels, as the model's DUpsample does: (B, h, w, C') -> (B, h*r, w*r, C)."""
+  return depth_to_space(codes @ jnp.asarray(w, jnp.float32).T, ratio, num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SgdFit:
+  """The unconstrained fit: codes are projection^T v (projection = P^T, (N, C')), reconstruction W x."""
+  w: np.ndarray
+  projection: np.ndarray
+  losses: np.ndarray
+
+
+def collect_windows(label_batches: Iterable[np.ndarray | jax.Array], *, ratio: int,
+                    num_classes: int, mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Uniform-window counts per class and the mixed windows' labels (M, r*r) uint8 (void = 255)."""
+  devices = windows.local_mesh(mesh)
+  sharding = NamedSharding(devices, PartitionSpec('windows'))
+  counts = np.zeros(num_classes, np.int64)
+  mixed = []
+  for batch in label_batches:
+    rows = windows.cut_windows(windows.process_local(batch).astype(np.uint8), ratio)
+    padded = windows.pad_rows(rows, -(-rows.shape[0] // devices.size) * devices.size)
+    stats = windows.classify_windows(padded, num_classes, sharding)
+    counts += stats['uniform_counts']
+    mixed.append(rows[stats['mixed'][:rows.shape[0]]])
+  return counts, np.concatenate(mixed) if mixed else np.zeros((0, ratio * ratio), np.uint8)
+
+
+def _window_loss(params: dict, rows: jax.Array, num_classes: int) -> jax.Array:
+  """Sum over windows of ||v - W P v||^2 from the labels alone (gathers, no one-hot vectors).
+
+  With a = W^T v and x = P v (sums of the rows of W and P^T at each pixel's index):
+  ||v - W x||^2 = |v| - 2 a.x + x^T (W^T W) x.
+  """
+  valid = rows < num_classes
+  index = jnp.arange(rows.shape[1]) * num_classes + jnp.where(valid, rows, 0)
+  weight = valid.astype(jnp.float32)[..., None]
+  codes = jnp.sum(params['projection'][index] * weight, axis=1)
+  back = jnp.sum(params['w'][index] * weight, axis=1)
+  gram = params['w'].T @ params['w']
+  return jnp.sum(valid) - 2 * jnp.sum(back * codes) + jnp.sum((codes @ gram) * codes)
+
+
+def fit_sgd(label_batches: Iterable[np.ndarray | jax.Array], *, ratio: int, num_classes: int,
+            num_components: int, mesh: Mesh | None = None, steps: int = 2000,
+            batch_windows: int = 1024, learning_rate: float = 1e-2, seed: int = 0) -> SgdFit:
+  """The paper's alternative: P and W fitted by Adam on the mean of ||v - W P v||^2 over windows.
+
+  Each step uses every uniform window exactly (one per class, weighted by its count) plus a random
+  minibatch of mixed windows (weighted to stand for all of them): an unbiased estimate of the
+  full objective with little variance.
+  """
+  counts, mixed = collect_windows(label_batches, ratio=ratio, num_classes=num_classes, mesh=mesh)
+  total = counts.sum() + mixed.shape[0]
+  if total == 0:
+    raise ValueError('No label window has a non-void pixel: cannot fit W.')
+  uniform = np.repeat(np.arange(num_classes, dtype=np.uint8)[:, None], ratio * ratio, axis=1)
+  size = ratio * ratio * num_classes
+  keys = jax.random.split(jax.random.key(seed), 2)
+  params = {'w': jax.random.normal(keys[0], (size, num_components)) / np.sqrt(size),
+            'projection': jax.random.normal(keys[1], (size, num_components)) / np.sqrt(size)}
+  optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
+  state = optimizer.init(params)
+  mixed_weight = mixed.shape[0] / max(1, min(batch_windows, mixed.shape[0]))
+
+  @jax.jit
+  def step(params, state, batch):
+    def loss_fn(params):
+      uniform_loss = jax.vmap(lambda row: _window_loss(params, row[None], num_classes))(uniform)
+      mixed_loss = _window_loss(params, batch, num_classes) * mixed_weight
+      return (jnp.sum(uniform_loss * counts) + mixed_loss) / total
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  rng = np.random.default_rng(seed)
+  losses = []
+  empty = np.full((1, ratio * ratio), windows.VOID, np.uint8)
+  for _ in range(steps):
+    batch = mixed[rng.integers(0, mixed.shape[0], batch_windows)] if mixed.shape[0] else empty
+    params, state, loss = step(params, state, batch)
+    losses.append(float(loss))
+  return SgdFit(w=np.asarray(params['w']), projection=np.asarray(params['projection']),
+                losses=np.asarray(losses))
+
+
 @functools.partial(jax.jit, static_argnames=('ratio', 'num_classes', 'components', 'downsamples'))
 def _score_batch(labels: jax.Array, projection: jax.Array, w: jax.Array, ratio: int, num_classes: int,
                  components: tuple[int, ...], downsamples: tuple[str, ...]) -> dict[str, jax.Array]:
@@ -89,14 +211,14 @@ def _score_batch(labels: jax.Array, projection: jax.Array, w: jax.Array, ratio: 
 
   The reconstruction for C' is W[:, :C'] x[:C'], so each C' adds its slice to the previous sum.
   """
-  codes = reconstruction.compress(labels, projection, ratio, num_classes)
+  codes = compress(labels, projection, ratio, num_classes)
   pixels = (labels < num_classes).reshape(labels.shape[0], labels.shape[1] // ratio, ratio,
                                           labels.shape[2] // ratio, ratio).sum((2, 4))
   energy = jnp.cumsum(codes ** 2, axis=-1)
   scores, start = 0.0, 0
   dupsample, errors = [], []
   for end in components:
-    scores = scores + reconstruction.reconstruct(codes[..., start:end], w[:, start:end], ratio, num_classes)
+    scores = scores + reconstruct(codes[..., start:end], w[:, start:end], ratio, num_classes)
     start = end
     dupsample.append(metrics.confusion_matrix(labels, jnp.argmax(scores, -1), num_classes))
     errors.append(jnp.sum(jnp.where(pixels > 0, pixels - energy[..., end - 1], 0.0)))
@@ -170,8 +292,8 @@ def run(label_dir: str, train_ids: list[str], val_ids: list[str], *, ratios: lis
 def _sgd_rows(label_dir: str, train_ids: list[str], val_ids: list[str], *, ratio: int, num_classes: int,
               count: int, steps: int, batch_size: int) -> list[dict]:
   """DUpsample with P, W from SGD beside PCA fitted on the same maps."""
-  sgd = reconstruction.fit_sgd(_train_batches(label_dir, train_ids, ratio), ratio=ratio,
-                               num_classes=num_classes, num_components=count, steps=steps)
+  sgd = fit_sgd(_train_batches(label_dir, train_ids, ratio), ratio=ratio, num_classes=num_classes,
+                num_components=count, steps=steps)
   pca = reconstruction.fit_pca(_train_batches(label_dir, train_ids, ratio), ratio=ratio,
                                num_classes=num_classes, num_components=count)
   rows = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from dunet_jax import reconstruction
+from dunet_jax import reconstruction, upper_bound
 from dunet_jax.data import label_files
 
 NUM_CLASSES = 21
@@ -151,9 +151,9 @@ def test_round_trip_on_non_square_maps(real_maps):
                                num_components=128, solver='exact')
   correct = total = 0
   for label in maps:
-    codes = reconstruction.compress(label[None], fit.w, 8, NUM_CLASSES)
+    codes = upper_bound.compress(label[None], fit.w, 8, NUM_CLASSES)
     assert codes.shape == (1, label.shape[0] // 8, label.shape[1] // 8, 128)
-    predicted = np.asarray(reconstruction.reconstruct(codes, fit.w, 8, NUM_CLASSES)).argmax(-1)[0]
+    predicted = np.asarray(upper_bound.reconstruct(codes, fit.w, 8, NUM_CLASSES)).argmax(-1)[0]
     valid = label < NUM_CLASSES
     correct += np.sum(predicted[valid] == label[valid])
     total += valid.sum()
@@ -167,8 +167,8 @@ def test_flattening_index_is_i_r_plus_j_times_c_plus_c():
   labels = rng.integers(0, num_classes, (2, 8, 12)).astype(np.uint8)
   labels[0, 1, 2] = labels[1, 7, 11] = 255
   w = rng.standard_normal((ratio * ratio * num_classes, count)).astype(np.float32)
-  codes = np.asarray(reconstruction.compress(labels, w, ratio, num_classes))
-  scores = np.asarray(reconstruction.reconstruct(codes, w, ratio, num_classes))
+  codes = np.asarray(upper_bound.compress(labels, w, ratio, num_classes))
+  scores = np.asarray(upper_bound.reconstruct(codes, w, ratio, num_classes))
   expected_codes = np.zeros((2, 2, 3, count))
   expected_scores = np.zeros((2, 8, 12, num_classes))
   for b in range(2):
@@ -212,7 +212,7 @@ def test_all_void_labels_cannot_be_fitted():
 
 def test_labels_must_be_a_multiple_of_the_ratio():
   with pytest.raises(ValueError, match='multiple of the ratio 4'):
-    reconstruction.compress(np.zeros((1, 6, 8), np.uint8), np.zeros((48, 2), np.float32), 4, 3)
+    upper_bound.compress(np.zeros((1, 6, 8), np.uint8), np.zeros((48, 2), np.float32), 4, 3)
 
 
 def test_save_load_round_trip_and_clear_errors(tmp_path):
@@ -241,8 +241,8 @@ def test_sgd_fit_approaches_pca(real_maps):
   x = dense_windows(maps, 8, NUM_CLASSES)
   pca = reconstruction.fit_pca(([m] for m in maps), ratio=8, num_classes=NUM_CLASSES, num_components=16,
                                solver='exact')
-  sgd = reconstruction.fit_sgd(([m] for m in maps), ratio=8, num_classes=NUM_CLASSES, num_components=16,
-                               steps=500, batch_windows=256, learning_rate=3e-2)
+  sgd = upper_bound.fit_sgd(([m] for m in maps), ratio=8, num_classes=NUM_CLASSES, num_components=16,
+                            steps=500, batch_windows=256, learning_rate=3e-2)
 
   def error(projection, w):
     return np.mean(np.sum((x - (x @ projection) @ w.T) ** 2, axis=1))
