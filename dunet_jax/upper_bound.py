@@ -161,35 +161,43 @@ def _window_loss(params: dict, rows: jax.Array, num_classes: int) -> jax.Array:
   return jnp.sum(valid) - 2 * jnp.sum(back * codes) + jnp.sum((codes @ gram) * codes)
 
 
+def sgd_objective(params: dict, mixed_batch: jax.Array, *, counts: np.ndarray, num_mixed: int,
+                  num_classes: int, ratio: int) -> jax.Array:
+  """Unbiased estimate of the mean over all windows of ||v - W P v||^2.
+
+  Every uniform window is counted exactly (one per class, weighted by its count); `mixed_batch`
+  holds windows drawn uniformly with replacement from the `num_mixed` mixed ones, each standing
+  for num_mixed / batch of them (whether the batch is smaller or larger than num_mixed).
+  """
+  uniform = jnp.repeat(jnp.arange(num_classes, dtype=jnp.uint8)[:, None], ratio * ratio, axis=1)
+  uniform_loss = jax.vmap(lambda row: _window_loss(params, row[None], num_classes))(uniform)
+  mixed_loss = _window_loss(params, mixed_batch, num_classes) * (num_mixed / mixed_batch.shape[0])
+  return (jnp.sum(uniform_loss * counts) + mixed_loss) / (np.sum(counts) + num_mixed)
+
+
 def fit_sgd(label_batches: Iterable[np.ndarray | jax.Array], *, ratio: int, num_classes: int,
             num_components: int, mesh: Mesh | None = None, steps: int = 2000,
             batch_windows: int = 1024, learning_rate: float = 1e-2, seed: int = 0) -> SgdFit:
   """The paper's alternative: P and W fitted by Adam on the mean of ||v - W P v||^2 over windows.
 
-  Each step uses every uniform window exactly (one per class, weighted by its count) plus a random
-  minibatch of mixed windows (weighted to stand for all of them): an unbiased estimate of the
-  full objective with little variance.
+  Each step is `sgd_objective` on a random batch of mixed windows: an unbiased estimate of the
+  full objective with little variance (most windows are uniform and counted exactly).
   """
   counts, mixed = collect_windows(label_batches, ratio=ratio, num_classes=num_classes, mesh=mesh)
-  total = counts.sum() + mixed.shape[0]
-  if total == 0:
+  if counts.sum() + mixed.shape[0] == 0:
     raise ValueError('No label window has a non-void pixel: cannot fit W.')
-  uniform = np.repeat(np.arange(num_classes, dtype=np.uint8)[:, None], ratio * ratio, axis=1)
   size = ratio * ratio * num_classes
   keys = jax.random.split(jax.random.key(seed), 2)
   params = {'w': jax.random.normal(keys[0], (size, num_components)) / np.sqrt(size),
             'projection': jax.random.normal(keys[1], (size, num_components)) / np.sqrt(size)}
   optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
   state = optimizer.init(params)
-  mixed_weight = mixed.shape[0] / max(1, min(batch_windows, mixed.shape[0]))
+  objective = functools.partial(sgd_objective, counts=counts.astype(np.float32), num_mixed=mixed.shape[0],
+                                num_classes=num_classes, ratio=ratio)
 
   @jax.jit
   def step(params, state, batch):
-    def loss_fn(params):
-      uniform_loss = jax.vmap(lambda row: _window_loss(params, row[None], num_classes))(uniform)
-      mixed_loss = _window_loss(params, batch, num_classes) * mixed_weight
-      return (jnp.sum(uniform_loss * counts) + mixed_loss) / total
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.value_and_grad(objective)(params, batch)
     updates, state = optimizer.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 

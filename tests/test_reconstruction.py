@@ -3,14 +3,17 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
 
 from dunet_jax import reconstruction, upper_bound
 from dunet_jax.data import label_files
+from dunet_jax.reconstruction import solvers
 
 NUM_CLASSES = 21
 
@@ -138,10 +141,40 @@ def test_two_processes_sum_their_moments(voc_labels_dir, tmp_path, coordinator_a
 def test_randomized_solver_agrees_with_exact(real_maps):
   moments = moments_of(real_maps, 8)
   exact = reconstruction.solve_moments(moments, 32, solver='exact')
-  randomized = reconstruction.solve_moments(moments, 32, solver='randomized')
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')                              # converged: no warning
+    randomized = reconstruction.solve_moments(moments, 32, solver='randomized')
   overlap = np.linalg.svd(exact.w.astype(np.float64).T @ randomized.w, compute_uv=False)
   assert overlap.min() > 0.999                                  # largest principal angle < 2.6 degrees
   np.testing.assert_allclose(randomized.eigenvalues, exact.eigenvalues, rtol=1e-5)
+
+
+def test_auto_solver_is_exact_for_voc_up_to_r16():
+  assert solvers.pick_solver(16 * 16 * 21) == 'exact'           # VOC at r = 16: N = 5,376
+  assert solvers.pick_solver(8 * 8 * 60) == 'exact'
+  assert solvers.pick_solver(32 * 32 * 21) == 'randomized'      # 21,504: the dense M would be 3.7 GB
+
+
+def test_subspace_iteration_matches_numpy_eigh():
+  """A PSD matrix with a spectrum like M's (fast decay, then a flat tail) and a clear gap at k."""
+  rng = np.random.default_rng(0)
+  size, count = 400, 12
+  basis = np.linalg.qr(rng.standard_normal((size, size)))[0]
+  spectrum = np.concatenate([1000.0 * 0.6 ** np.arange(count), 1e-2 * rng.uniform(0.5, 1.0, size - count)])
+  matrix = (basis * spectrum) @ basis.T
+  values, vectors, residual = solvers.subspace_iteration(lambda x: matrix @ x, size, count, oversample=count,
+                                                         max_iters=200, tol=1e-6, seed=0)
+  expected_values, expected_vectors = np.linalg.eigh(matrix)
+  np.testing.assert_allclose(values, expected_values[::-1][:count], rtol=1e-9)
+  cosines = np.abs(np.sum(vectors * expected_vectors[:, ::-1][:, :count], axis=0))
+  np.testing.assert_allclose(cosines, 1.0, atol=1e-9)
+  assert residual <= 1e-6
+
+
+def test_unconverged_randomized_solve_warns(real_maps):
+  moments = moments_of(real_maps, 8)
+  with pytest.warns(RuntimeWarning, match=r"did not converge: after max_iters=2 .*solver='exact'"):
+    reconstruction.solve_moments(moments, 32, solver='randomized', max_iters=2)
 
 
 def test_round_trip_on_non_square_maps(real_maps):
@@ -233,6 +266,25 @@ def test_save_load_round_trip_and_clear_errors(tmp_path):
   (tmp_path / 'broken.npz').write_bytes(b'not an npz')
   with pytest.raises(ValueError, match='broken.npz'):
     reconstruction.load_reconstruction(tmp_path / 'broken.npz')
+
+
+@pytest.mark.parametrize('repeats', [1, 3])
+def test_sgd_objective_is_the_mean_over_all_windows(real_maps, repeats):
+  """A mixed batch holding every mixed window `repeats` times (a possible draw whose value is the
+  expectation) gives the exact mean error over all windows, brute-forced on one-hot vectors, for a
+  batch of M or of 3M windows (the latter was over-weighted 3x)."""
+  maps = [pad(m, 8) for m in real_maps[:2]]
+  counts, mixed = upper_bound.collect_windows(([m] for m in maps), ratio=8, num_classes=NUM_CLASSES)
+  assert mixed.shape[0] > 10
+  rng = np.random.default_rng(0)
+  params = {name: jnp.asarray(rng.standard_normal((8 * 8 * NUM_CLASSES, 6)) * 0.1, jnp.float32)
+            for name in ('w', 'projection')}
+  estimate = upper_bound.sgd_objective(params, np.tile(mixed, (repeats, 1)), counts=counts.astype(np.float32),
+                                       num_mixed=mixed.shape[0], num_classes=NUM_CLASSES, ratio=8)
+  x = dense_windows(maps, 8, NUM_CLASSES)
+  w, projection = np.asarray(params['w'], np.float64), np.asarray(params['projection'], np.float64)
+  expected = np.mean(np.sum((x - (x @ projection) @ w.T) ** 2, axis=1))
+  np.testing.assert_allclose(float(estimate), expected, rtol=1e-4)
 
 
 def test_sgd_fit_approaches_pca(real_maps):

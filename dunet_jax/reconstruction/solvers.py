@@ -7,7 +7,8 @@ which are cheap sums of block products, and never forms the N x N matrix. Each e
 fixed (largest-magnitude entry positive) so W is reproducible.
 """
 import dataclasses
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
@@ -16,7 +17,9 @@ from jax.sharding import Mesh
 
 from dunet_jax.reconstruction.moments import WindowMoments, accumulate_moments
 
-EXACT_MAX_SIZE = 4096  # solver='auto' uses eigh up to this N = r*r*C, subspace iteration above
+# solver='auto' uses eigh up to this N = r*r*C (VOC's 21 classes up to r = 16, N = 5,376; Context's 60
+# up to r = 8): exact and a dense M of at most 300 MB. Subspace iteration above.
+EXACT_MAX_SIZE = 6144
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,48 +39,66 @@ def _fix_signs(vectors: np.ndarray) -> np.ndarray:
   return vectors * np.where(largest < 0, -1.0, 1.0)
 
 
-def _subspace_iteration(moments: WindowMoments, num_components: int, *, oversample: int,
-                        max_iters: int, tol: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Top eigenpairs of M by block power iteration with Rayleigh-Ritz (float64, products via blocks).
+def pick_solver(size: int) -> str:
+  """'exact' (LAPACK eigh of the dense M) up to N = EXACT_MAX_SIZE, 'randomized' above."""
+  return 'exact' if size <= EXACT_MAX_SIZE else 'randomized'
+
+
+def subspace_iteration(matmul: Callable[[np.ndarray], np.ndarray], size: int, num_components: int, *,
+                       oversample: int, max_iters: int, tol: float,
+                       seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+  """Top eigenpairs of a symmetric PSD operator by block power iteration with Rayleigh-Ritz (float64).
 
   Stops when every wanted Ritz pair's residual ||M u - theta u|| is below tol times the smallest
   wanted Ritz value (the tail's eigenvalues are 1e-4..1e-5 of the largest and nearly equal, so a
-  tolerance relative to the largest would leave the last vectors loose).
+  tolerance relative to the largest would leave the last vectors loose); a floor of 1e-12 times
+  the largest stops a rank-deficient M waiting for zero residuals. Returns the eigenvalues, the
+  vectors, and the final relative residual (max residual / smallest wanted Ritz value).
   """
-  size = moments.size
   width = min(size, num_components + oversample)
   basis, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((size, width)))
   for _ in range(max_iters):
-    product = moments.matmul(basis)
+    product = matmul(basis)
     values, rotation = np.linalg.eigh(basis.T @ product)
     values, rotation = values[::-1], rotation[:, ::-1]
     basis, product = basis @ rotation, product @ rotation
     residual = np.linalg.norm(product[:, :num_components] - basis[:, :num_components] * values[:num_components],
-                              axis=0)
-    if residual.max() <= tol * values[num_components - 1]:
+                              axis=0).max()
+    scale = max(values[num_components - 1], 1e-12 * values[0])
+    if residual <= tol * scale:
       break
     basis, _ = np.linalg.qr(product)
-  return values[:num_components], basis[:, :num_components]
+  return values[:num_components], basis[:, :num_components], float(residual / scale)
 
 
 def solve_moments(moments: WindowMoments, num_components: int, *, solver: str = 'auto',
                   oversample: int | None = None, max_iters: int = 200, tol: float = 1e-3,
                   seed: int = 0) -> ReconstructionFit:
-  """W = the top `num_components` eigenvectors of M ('exact': eigh; 'randomized': subspace iteration)."""
+  """W = the top `num_components` eigenvectors of M ('exact': eigh; 'randomized': subspace iteration).
+
+  A randomized solve that has not reached `tol` after `max_iters` warns (RuntimeWarning) with the
+  residual it reached, rather than returning a loose W silently.
+  """
   size = moments.size
   if not 0 < num_components <= size:
     raise ValueError(f'num_components={num_components} must be in 1..r*r*C={size}.')
   if moments.num_windows == 0:
     raise ValueError('No label window has a non-void pixel: cannot fit W (check the label files).')
   if solver == 'auto':
-    solver = 'exact' if size <= EXACT_MAX_SIZE else 'randomized'
+    solver = pick_solver(size)
   if solver == 'exact':
-    values, vectors = scipy.linalg.eigh(moments.dense(), subset_by_index=(size - num_components, size - 1))
+    values, vectors = scipy.linalg.eigh(moments.dense(), subset_by_index=(size - num_components, size - 1),
+                                        overwrite_a=True, check_finite=False)
     values, vectors = values[::-1], vectors[:, ::-1]
   elif solver == 'randomized':
-    values, vectors = _subspace_iteration(
-        moments, num_components, oversample=num_components if oversample is None else oversample,
+    values, vectors, residual = subspace_iteration(
+        moments.matmul, size, num_components, oversample=num_components if oversample is None else oversample,
         max_iters=max_iters, tol=tol, seed=seed)
+    if residual > tol:
+      warnings.warn(f'W did not converge: after max_iters={max_iters} subspace iterations the largest '
+                    f'eigen-residual is {residual:.2g} of the smallest wanted eigenvalue (tol={tol:g}); '
+                    f"its last vectors may be loose. Use solver='exact' (N={size}) or more max_iters.",
+                    RuntimeWarning, stacklevel=2)
   else:
     raise ValueError(f"solver={solver!r} must be 'exact', 'randomized' or 'auto'.")
   return ReconstructionFit(
