@@ -30,6 +30,7 @@ from flax import nnx  # noqa: E402
 
 from configs import default  # noqa: E402
 from dunet_jax import checkpoint, sharding, throughput, train  # noqa: E402
+from dunet_jax.data import IGNORE_LABEL  # noqa: E402
 from dunet_jax.models import dunet  # noqa: E402
 
 # Model overrides of configs/default.py per preset.
@@ -93,7 +94,7 @@ def make_matmul(n: int) -> Callable[[], jax.Array]:
 def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
   shape = (config.train.batch_size, config.data.crop_size, config.data.crop_size)
   labels = rng.integers(0, config.data.num_classes, shape, dtype=np.uint8)
-  labels[:, :, :8] = config.data.ignore_label
+  labels[:, :, :8] = IGNORE_LABEL
   return {'image': rng.integers(0, 256, (*shape, 3), dtype=np.uint8), 'label': labels}
 
 

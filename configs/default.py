@@ -23,7 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
   data.train_split = 'train_aug'
   data.eval_split = 'val'
   data.num_classes = 21
-  data.ignore_label = 255
   data.crop_size = 513
   data.min_scale = 0.5
   data.max_scale = 2.0

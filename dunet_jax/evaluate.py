@@ -33,24 +33,23 @@ from dunet_jax import inference
 from dunet_jax import metrics
 from dunet_jax import score
 from dunet_jax import sharding
-from dunet_jax.data import datasets
+from dunet_jax.data import IGNORE_LABEL, datasets
 from dunet_jax.data import palette
 from dunet_jax.data import pipeline
 
-def image_triplets(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
-                   ignore_label: int = 255) -> np.ndarray:
+def image_triplets(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
   """image | ground truth | prediction, side by side, uint8 (N, H, 3W, 3) for TensorBoard.
 
   Pixels void in the ground truth (the padding included) are shown void in the prediction too,
   so the panels show the same scored region.
   """
-  predictions = np.where(labels == ignore_label, ignore_label, predictions)
+  predictions = np.where(labels == IGNORE_LABEL, IGNORE_LABEL, predictions)
   return np.concatenate([np.asarray(images, np.uint8), palette.colorize(labels),
                          palette.colorize(predictions)], axis=2)
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, *, num_classes: int, ignore_label: int,
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, *, num_classes: int,
                    scales: tuple[float, ...], flip: bool, window: int | None):
   """jit(state, images, labels, valid) -> (confusion int32 (C, C) replicated, predictions).
 
@@ -60,8 +59,8 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, *, num_classes: int, igno
     probabilities = inference.multiscale_probabilities(
         inference.model_logits_fn(graphdef, state), images, scales=scales, flip=flip, window=window)
     predictions = jnp.argmax(probabilities, axis=-1).astype(jnp.uint8)
-    labels = jnp.where(valid[:, None, None], labels, ignore_label)
-    return metrics.confusion_matrix(labels, predictions, num_classes, ignore_label), predictions
+    labels = jnp.where(valid[:, None, None], labels, IGNORE_LABEL)
+    return metrics.confusion_matrix(labels, predictions, num_classes), predictions
 
   batch = sharding.batch_sharding(mesh)
   return jax.jit(eval_step, in_shardings=(None, batch, batch, batch),
@@ -92,7 +91,7 @@ def evaluate_model(model: nnx.Module, config: ml_collections.ConfigDict, mesh: M
   model.eval()
   graphdef, state = nnx.split(model)
   step = make_eval_step(graphdef, mesh, num_classes=int(config.data.num_classes),
-                        ignore_label=int(config.data.ignore_label), scales=scales, flip=flip, window=window)
+                        scales=scales, flip=flip, window=window)
   confusion = np.zeros((config.data.num_classes,) * 2, np.int64)
   images, num_images = None, 0
   for local_batch in pipeline.eval_batches(
@@ -108,7 +107,7 @@ def evaluate_model(model: nnx.Module, config: ml_collections.ConfigDict, mesh: M
       predictions = multihost_utils.process_allgather(predictions, tiled=True)
       count = min(num_images_to_log, int(local_batch['valid'].sum()))
       images = image_triplets(local_batch['image'][:count], local_batch['label'][:count],
-                              np.asarray(predictions[:count]), config.data.ignore_label)
+                              np.asarray(predictions[:count]))
   num_images = int(multihost_utils.process_allgather(np.int64(num_images)).sum())
   result = metrics.scores(confusion)
   result.update(confusion_matrix=confusion, num_images=num_images, split=split, scales=list(scales),

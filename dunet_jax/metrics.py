@@ -9,18 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dunet_jax.data import IGNORE_LABEL
 
-def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int,
-                     ignore_label: int = 255) -> jax.Array:
+
+def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int) -> jax.Array:
   """Returns int32[num_classes, num_classes]: rows are ground truth, columns predictions.
 
-  Pixels whose label is `ignore_label` (void, padding) are not counted. Labels outside
-  [0, num_classes) other than `ignore_label` are not counted either; the data builders
-  reject them, so none should reach here.
+  Pixels labelled IGNORE_LABEL (void, padding) are not counted. Labels outside [0, num_classes)
+  are not counted either; the data builders reject them, so none should reach here.
   """
   labels = labels.reshape(-1).astype(jnp.int32)
   predictions = predictions.reshape(-1).astype(jnp.int32)
-  valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
+  valid = (labels != IGNORE_LABEL) & (labels >= 0) & (labels < num_classes)
   index = jnp.where(valid, labels * num_classes + predictions, num_classes * num_classes)
   counts = jnp.bincount(index, length=num_classes * num_classes + 1)
   return counts[:-1].reshape(num_classes, num_classes).astype(jnp.int32)

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from dunet_jax import checkpoint, evaluate, metrics, reconstruction, sharding, throughput
-from dunet_jax.data import datasets, pipeline
+from dunet_jax.data import IGNORE_LABEL, datasets, pipeline
 from dunet_jax.models import dunet
 
 
@@ -32,10 +32,10 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy over the non-void pixels of the whole (global) batch, in float32."""
   logits = logits.astype(jnp.float32)
-  valid = labels != ignore_label
+  valid = labels != IGNORE_LABEL
   safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
   return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
@@ -91,12 +91,11 @@ def make_train_step(model: dunet.DUNet, config: ml_collections.ConfigDict, tx: o
   """The jitted train step: loss, grads, SGD update and new BatchNorm statistics; donates the state."""
   model.train()
   train_graph = nnx.graphdef(model)
-  ignore_label = config.data.ignore_label
 
   def train_step(params, model_state, opt_state, batch):
     def loss_fn(params, model_state):
       net = nnx.merge(train_graph, params, model_state, copy=True)
-      loss = cross_entropy(net(batch['image']), batch['label'], ignore_label)
+      loss = cross_entropy(net(batch['image']), batch['label'])
       return loss, nnx.state(net, nnx.Not(nnx.Param))
 
     (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state)

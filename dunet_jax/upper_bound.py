@@ -39,7 +39,7 @@ from PIL import Image
 
 from dunet_jax import metrics
 from dunet_jax import reconstruction
-from dunet_jax.data import label_files
+from dunet_jax.data import IGNORE_LABEL, label_files
 from dunet_jax.models.dupsample import depth_to_space
 from dunet_jax.reconstruction import windows
 
@@ -99,7 +99,7 @@ def compress(labels: jax.Array, w: jax.Array, ratio: int, num_classes: int) -> j
   batch, height, width = labels.shape
   if height % ratio or width % ratio:
     raise ValueError(f'Label maps of size {height}x{width} are not a multiple of the ratio {ratio}: '
-                     f'pad them with {windows.VOID} first.')
+                     f'pad them with {IGNORE_LABEL} first.')
   w = jnp.asarray(w, jnp.float32)
   rows = w.reshape(ratio * ratio, num_classes, -1)
   rows = jnp.concatenate([rows, jnp.zeros_like(rows[:, :1])], axis=1)      # class C: void -> 0
@@ -203,7 +203,7 @@ def fit_sgd(label_batches: Iterable[np.ndarray | jax.Array], *, ratio: int, num_
 
   rng = np.random.default_rng(seed)
   losses = []
-  empty = np.full((1, ratio * ratio), windows.VOID, np.uint8)
+  empty = np.full((1, ratio * ratio), IGNORE_LABEL, np.uint8)
   for _ in range(steps):
     batch = mixed[rng.integers(0, mixed.shape[0], batch_windows)] if mixed.shape[0] else empty
     params, state, loss = step(params, state, batch)

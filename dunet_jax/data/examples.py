@@ -13,7 +13,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-IGNORE_LABEL = 255
+from dunet_jax.data import IGNORE_LABEL
+
 SKIP_HINT = 'fix or re-extract it, or set config.data.skip_bad_files=True to skip and count such files'
 
 
@@ -92,7 +93,7 @@ def load_mat_field(data: bytes, name: str, struct: str | None, field: str) -> np
 
 
 def check_label(label: np.ndarray, num_classes: int, name: str) -> np.ndarray:
-  """The label as uint8 when every value is a class id or 255."""
+  """The label as uint8 when every value is a class id or IGNORE_LABEL."""
   values = np.unique(label)
   bad = values[(values >= num_classes) & (values != IGNORE_LABEL) | (values < 0)]
   if bad.size:

@@ -3,7 +3,7 @@
 Reads `<label_dir>/<id>.png` (VOC's SegmentationClass[Aug] layout). VOC labels are palette PNGs
 whose palette indices are the class ids; tf.io.decode_png would expand the palette to RGB, so
 the index plane is read with PIL (which releases the GIL while decoding, so tf.data's parallel
-map uses every core). Maps are padded with 255 (void) to a multiple of the ratio and batched
+map uses every core). Maps are padded with IGNORE_LABEL (255, void) to a multiple of the ratio and batched
 (padding to the largest map of the batch, or to a fixed size); each process reads its own
 share of the ids.
 """
@@ -15,9 +15,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-tf.config.set_visible_devices([], 'GPU')
+from dunet_jax.data import IGNORE_LABEL
 
-VOID = 255
+tf.config.set_visible_devices([], 'GPU')
 
 
 def read_ids(list_file: str | os.PathLike) -> list[str]:
@@ -58,7 +58,7 @@ def label_dataset(label_dir: str | os.PathLike, ids: list[str], *, ratio: int, b
                   process_count: int = 1) -> tf.data.Dataset:
   """Batches {'label': (B, H, W) uint8, 'height', 'width': (B,) int32, 'id': (B,) string}.
 
-  Every map is padded with 255 to a multiple of `ratio` (then to the batch's largest map, or to
+  Every map is padded with IGNORE_LABEL to a multiple of `ratio` (then to the batch's largest map, or to
   `pad_to` when given, so shapes stay fixed); 'height' and 'width' are its original size, so
   callers can score only the original pixels. Order is deterministic; the last batch may be short.
   """
@@ -76,14 +76,14 @@ def label_dataset(label_dir: str | os.PathLike, ids: list[str], *, ratio: int, b
       tf.debugging.assert_less_equal(tf.stack([height, width]), tf.constant(pad_to, tf.int32),
                                      message=f'A label map is larger than pad_to={pad_to}')
       target = pad_to
-    label = tf.pad(label, [[0, target[0] - height], [0, target[1] - width]], constant_values=VOID)
+    label = tf.pad(label, [[0, target[0] - height], [0, target[1] - width]], constant_values=IGNORE_LABEL)
     basename = tf.strings.split(path, os.sep)[-1]
     return {'label': label, 'height': height, 'width': width,
             'id': tf.strings.regex_replace(basename, r'\.png$', '')}
 
   dataset = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE,
                                                           deterministic=True)
-  dataset = dataset.padded_batch(batch_size, padding_values={'label': tf.constant(VOID, tf.uint8),
+  dataset = dataset.padded_batch(batch_size, padding_values={'label': tf.constant(IGNORE_LABEL, tf.uint8),
                                                              'height': 0, 'width': 0, 'id': ''})
   return dataset.prefetch(tf.data.AUTOTUNE)
 

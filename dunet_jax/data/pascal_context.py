@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dunet_jax.data import archive, examples, rle
+from dunet_jax.data import IGNORE_LABEL, archive, examples, rle
 
 NUM_CLASSES = 60
 VOC2010_ARCHIVE = 'VOCtrainval_03-May-2010.tar'
@@ -72,8 +72,8 @@ def full_to_60_classes(label: np.ndarray, name: str) -> np.ndarray:
 def context_59_lookup() -> np.ndarray:
   """A 256-entry uint8 table: 0 (background) -> 255, c -> c - 1, 255 -> 255."""
   lookup = (np.arange(256) - 1).astype(np.uint8)
-  lookup[0] = 255
-  lookup[255] = 255
+  lookup[0] = IGNORE_LABEL
+  lookup[IGNORE_LABEL] = IGNORE_LABEL
   return lookup
 
 

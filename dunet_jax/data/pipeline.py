@@ -34,12 +34,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dunet_jax.data import datasets
+from dunet_jax.data import IGNORE_LABEL, datasets
 
 tf.config.set_visible_devices([], 'GPU')
 
 AUTOTUNE = tf.data.AUTOTUNE
-IGNORE_LABEL = 255
 # Stream keys that keep the permutation and augmentation random numbers independent.
 _PERMUTATION_STREAM = 0
 _AUGMENTATION_STREAM = 1

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dunet_jax.data import palette
+from dunet_jax.data import IGNORE_LABEL, palette
 
 ShapeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -205,7 +205,7 @@ def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     label[top:bottom, left:right][mask] = class_id
     instances[top:bottom, left:right][mask] = instance
   image += rng.normal(0, 5, size=image.shape)
-  label[_void_band(instances, VOID_WIDTH)] = 255
+  label[_void_band(instances, VOID_WIDTH)] = IGNORE_LABEL
   return image.clip(0, 255).astype(np.uint8), label
 
 

@@ -27,8 +27,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dunet_jax.reconstruction.windows import (VOID, classify_windows, cut_windows, local_mesh, pad_rows,
-                                              process_local)
+from dunet_jax.data import IGNORE_LABEL
+from dunet_jax.reconstruction.windows import classify_windows, cut_windows, local_mesh, pad_rows, process_local
 
 
 @dataclasses.dataclass
@@ -110,7 +110,7 @@ def _group_gram(local: jax.Array, num_present: int, has_void: bool) -> jax.Array
   gram = (masks.T @ masks).reshape(multiplied, pixels, multiplied, pixels)
   if has_void:
     return gram
-  count = jnp.sum(local[:, 0] != VOID).astype(jnp.float32)
+  count = jnp.sum(local[:, 0] != IGNORE_LABEL).astype(jnp.float32)
   sums = masks.sum(0).reshape(multiplied, pixels)
   cross = sums[:, :, None] - gram.sum(axis=2)                   # (k-1, p, q): mask_a x last
   total = sums.sum(0)
@@ -170,7 +170,7 @@ class _MomentAccumulator:
     local = stats['local'][rows[order]]
     for group, key in enumerate(unique):
       key = np.frombuffer(key.tobytes(), np.uint8)
-      classes = tuple(int(c) for c in key[:-1] if c != VOID)
+      classes = tuple(int(c) for c in key[:-1] if c != IGNORE_LABEL)
       self._append((classes, bool(key[-1])), local[starts[group]:starts[group + 1]])
 
   def _append(self, group: tuple[tuple[int, ...], bool], local: np.ndarray) -> None:
@@ -247,8 +247,8 @@ def accumulate_moments(label_batches: Iterable[np.ndarray | jax.Array], *, ratio
   Each process reads its own batches; the work is sharded over that process's devices of `mesh`
   and the per-process moments are summed at the end.
   """
-  if num_classes >= VOID:
-    raise ValueError(f'num_classes={num_classes} must be below the void label {VOID}.')
+  if num_classes >= IGNORE_LABEL:
+    raise ValueError(f'num_classes={num_classes} must be below the void label {IGNORE_LABEL}.')
   accumulator = _MomentAccumulator(ratio, num_classes, local_mesh(mesh), chunk_size)
   for batch in label_batches:
     accumulator.add_batch(process_local(batch))

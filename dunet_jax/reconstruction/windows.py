@@ -1,7 +1,7 @@
 """Label maps cut into r x r windows, and each window classified (uniform, mixed, its classes).
 
 Window (a, b) of a (H, W) map is the row of r*r labels at pixels (a*r + i, b*r + j) in (i*r + j)
-order; rows run over (map, a, b). A label >= C (255, or padding) is void. Shared by the moment
+order; rows run over (map, a, b). A label >= C (IGNORE_LABEL, 255, also the padding) is void. Shared by the moment
 accumulation (`moments`) and the SGD fit (`upper_bound`).
 """
 import functools
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-VOID = 255
+from dunet_jax.data import IGNORE_LABEL
 
 
 def local_mesh(mesh: Mesh | None) -> Mesh:
@@ -36,7 +36,7 @@ def cut_windows(labels: jax.Array, ratio: int) -> jax.Array:
   batch, height, width = labels.shape
   if height % ratio or width % ratio:
     raise ValueError(f'Label maps of size {height}x{width} are not a multiple of the ratio {ratio}: '
-                     f'pad them with {VOID} first.')
+                     f'pad them with {IGNORE_LABEL} first.')
   windows = labels.reshape(batch, height // ratio, ratio, width // ratio, ratio)
   return windows.transpose(0, 1, 3, 2, 4).reshape(-1, ratio * ratio)
 
@@ -47,17 +47,17 @@ def _classify_windows(windows: jax.Array, num_classes: int, max_present: int) ->
 
   The classes of a window are found in increasing order by repeated masked minima (cheaper than
   a per-class presence test); 'overflow' flags windows with more than `max_present` classes.
-  Local labels number the window's classes 0..k-1 in that order (void stays 255), so windows
+  Local labels number the window's classes 0..k-1 in that order (void stays IGNORE_LABEL), so windows
   with the same class set share one Gram computation whatever their classes are.
   """
-  current = jnp.where(windows < num_classes, windows, jnp.uint8(VOID))
+  current = jnp.where(windows < num_classes, windows, jnp.uint8(IGNORE_LABEL))
   classes = [current.min(axis=1)]
   for _ in range(max_present):
-    classes.append(jnp.where(current > classes[-1][:, None], current, jnp.uint8(VOID)).min(axis=1))
+    classes.append(jnp.where(current > classes[-1][:, None], current, jnp.uint8(IGNORE_LABEL)).min(axis=1))
   local = sum((current > level[:, None]).astype(jnp.uint8) for level in classes[:max_present])
-  has_void = current.max(axis=1) == VOID
-  nonempty = classes[0] != VOID
-  uniform = nonempty & (classes[1] == VOID) & ~has_void
+  has_void = current.max(axis=1) == IGNORE_LABEL
+  nonempty = classes[0] != IGNORE_LABEL
+  uniform = nonempty & (classes[1] == IGNORE_LABEL) & ~has_void
   counts = jnp.bincount(jnp.where(uniform, classes[0], num_classes).astype(jnp.int32),
                         length=num_classes + 1)[:num_classes]
   return {
@@ -66,8 +66,8 @@ def _classify_windows(windows: jax.Array, num_classes: int, max_present: int) ->
       'mixed': nonempty & ~uniform,
       'has_void': has_void,
       'classes': jnp.stack(classes[:max_present], axis=1),
-      'overflow': jnp.any(classes[max_present] != VOID),
-      'local': jnp.where(current == VOID, jnp.uint8(VOID), local),
+      'overflow': jnp.any(classes[max_present] != IGNORE_LABEL),
+      'local': jnp.where(current == IGNORE_LABEL, jnp.uint8(IGNORE_LABEL), local),
   }
 
 
@@ -75,7 +75,7 @@ def pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
   """Appends all-void rows up to `size` (they count for nothing anywhere)."""
   if rows.shape[0] == size:
     return rows
-  return np.concatenate([rows, np.full((size - rows.shape[0], *rows.shape[1:]), VOID, np.uint8)])
+  return np.concatenate([rows, np.full((size - rows.shape[0], *rows.shape[1:]), IGNORE_LABEL, np.uint8)])
 
 
 def classify_windows(windows: np.ndarray, num_classes: int, sharding: NamedSharding) -> dict[str, np.ndarray]:
