@@ -3,8 +3,8 @@
   python benchmarks/check_torchvision_resnet.py [--size=97x129] [--depth=50]
 
 Needs torch + torchvision (not dunet_jax requirements). The weights go through the users' path
-(.safetensors -> convert_weights -> .npz -> pretrained.load_backbone_weights). Every bottleneck
-output (bXuYc3) and 'out' are compared at output stride 32, and at 16 / 8 against torchvision's
+(.safetensors -> convert_weights -> .npz -> pretrained.load_backbone_weights). Every bottleneck's
+BN(conv3) before the residual add (bXuYc3), its output (bXuY) and 'out' are compared at output stride 32, and at 16 / 8 against torchvision's
 replace_stride_with_dilation, in eval mode, float32. The figure is max |ours - torch| divided by
 max |torch| of the same feature; it passes below 1e-4. Exit status 1 on a failure.
 """
@@ -31,14 +31,19 @@ DILATION = {32: [False, False, False], 16: [False, False, True], 8: [False, True
 
 
 def torch_features(model: torch.nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
-  """bXuYc3 (each bottleneck's output) and 'out' of a torchvision ResNet."""
+  """bXuYc3 (each bottleneck's bn3 output, copied before torchvision adds the shortcut in place), bXuY
+  (its output) and 'out'."""
   features = {}
   with torch.no_grad():
     x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
     for stage in range(1, 5):
       for unit, block in enumerate(getattr(model, f'layer{stage}'), start=1):
+        name = f'b{stage}u{unit}'
+        hook = block.bn3.register_forward_hook(
+            lambda module, inputs, output, name=name: features.__setitem__(name + 'c3', output.numpy().copy()))
         x = block(x)
-        features[f'b{stage}u{unit}c3'] = x.numpy()
+        hook.remove()
+        features[name] = x.numpy()
   features['out'] = x.numpy()
   return features
 

@@ -34,7 +34,8 @@ def test_feature_names_strides_and_channels(output_stride):
   model = _tiny(output_stride)
   info = model.feature_info()
   expected_names = {'conv1_1', 'conv1_2', 'conv1_3', 'out'} | {
-      f'b{s}u{u}c{c}' for s, n in enumerate(TINY, 1) for u in range(1, n + 1) for c in (1, 2, 3)}
+      f'b{s}u{u}{c}' for s, n in enumerate(TINY, 1) for u in range(1, n + 1)
+      for c in ('c1', 'c2', 'c3', '')}
   assert set(info) == expected_names
   stage_stride = {1: 4, 2: 8, 3: min(16, output_stride), 4: min(32, output_stride)}
   for stage, units in enumerate(TINY, 1):
@@ -44,6 +45,7 @@ def test_feature_names_strides_and_channels(output_stride):
       assert info[f'b{stage}u{unit}c1'] == (width, c1_stride)
       assert info[f'b{stage}u{unit}c2'] == (width, stage_stride[stage])
       assert info[f'b{stage}u{unit}c3'] == (4 * width, stage_stride[stage])
+      assert info[f'b{stage}u{unit}'] == (4 * width, stage_stride[stage])
   assert info['conv1_3'] == (8, 2) and info['out'] == (256, output_stride)
   features = jax.jit(lambda x: model(x))(jnp.zeros((1, 64, 96, 3)))
   for name, (channels, stride) in info.items():
@@ -78,7 +80,7 @@ def test_dilated_network_samples_the_same_positions_as_the_strided_one(output_st
   x = jnp.asarray(np.random.RandomState(0).randn(1, 64, 96, 3), jnp.float32)
   a, b = jax.jit(lambda x: strided(x))(x), jax.jit(lambda x: dilated(x))(x)
   step = 32 // output_stride
-  for name in ('b4u1c2', 'b4u2c3', 'out'):
+  for name in ('b4u1c2', 'b4u2c3', 'b4u2', 'out'):
     np.testing.assert_allclose(np.asarray(b[name][:, ::step, ::step]), np.asarray(a[name]),
                                rtol=1e-4, atol=1e-4)
   if output_stride == 8:
@@ -130,11 +132,13 @@ def _np_conv_bn(x, conv, bn, relu=True):
 
 
 def _np_bottleneck(x, block):
+  """(c1, c2, c3, unit output): c3 is BN(conv3) before the residual add (DeepLab's end point)."""
   c1 = _np_conv_bn(x, block.conv1, block.bn1)
   c2 = _np_conv_bn(c1, block.conv2, block.bn2)
+  c3 = _np_conv_bn(c2, block.conv3, block.bn3, relu=False)
   shortcut = x if block.downsample is None else _np_conv_bn(
       x, block.downsample.conv, block.downsample.bn, relu=False)
-  return c1, c2, _relu(_np_conv_bn(c2, block.conv3, block.bn3, relu=False) + shortcut)
+  return c1, c2, c3, _relu(c3 + shortcut)
 
 
 @pytest.mark.parametrize('stem', ['standard', 'deep'])
@@ -156,9 +160,10 @@ def test_stem_and_first_two_stages_match_numpy_reference(stem):
   for stage in (1, 2):
     for unit, block in enumerate(getattr(model, f'layer{stage}'), start=1):
       outputs = _np_bottleneck(y, block)
-      for conv, expected in enumerate(outputs, start=1):
-        got = np.asarray(features[f'b{stage}u{unit}c{conv}'][0])
+      for suffix, expected in zip(('c1', 'c2', 'c3', ''), outputs):
+        got = np.asarray(features[f'b{stage}u{unit}{suffix}'][0])
         scale = np.abs(expected).max()
         np.testing.assert_allclose(got / scale, expected / scale, atol=1e-4)
-      y = outputs[2]
+      assert outputs[2].min() < 0  # c3 is taken before the ReLU: a post-add feature would fail here
+      y = outputs[3]
   assert features['b2u1c2'].shape[1:3] == (5, 6)  # 37x45 -> 19x23 -> 10x12 -> 5x6

@@ -8,9 +8,10 @@ ones multiplies the last stage's dilation per unit instead (DeepLabV3, Sec. 3.2)
 
 Features (see `ResNet.feature_info`): 'conv1' (standard 7x7 stem) or 'conv1_1'..'conv1_3' (deep
 stem), each after BN + ReLU at stride 2; 'bXuYcZ' for stage X = 1..4, unit Y (1-based), conv Z:
-Z = 1, 2 are after BN + ReLU, Z = 3 is the unit's OUTPUT (after the residual add and ReLU), the
-tensor the next unit reads: this is what 'b3u6c3 (end of block 3)' means in the paper; plus 'out'
-(the last unit's output).
+Z = 1, 2 are after BN + ReLU, Z = 3 is BN(conv3) BEFORE the residual add (and its ReLU): DeepLab's
+end point `blockX/unit_Y/bottleneck_v1/conv3`, the tensor the paper's names refer to (the same
+convention as the Xception features); 'bXuY' is the unit's output (after the add and ReLU), the
+tensor the next unit reads; 'out' is the last unit's output.
 
 Parameter names mirror torchvision (`resnet50().state_dict()` key -> NNX path; conv kernels are
 OIHW in torch and HWIO here, i.e. `weight.transpose(2, 3, 1, 0)`):
@@ -53,7 +54,10 @@ class Downsample(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-  """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4) with a residual; returns the three conv outputs."""
+  """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4) with a residual.
+
+  Returns the three conv features (c3 = BN(conv3), before the add) and the unit's output.
+  """
 
   def __init__(self, in_channels: int, width: int, stride: int, dilation: int, dtype,
                rngs: nnx.Rngs):
@@ -68,12 +72,12 @@ class Bottleneck(nnx.Module):
     self.downsample = (Downsample(in_channels, out_channels, stride, dtype, rngs)
                        if needs_projection else None)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     c1 = jax.nn.relu(self.bn1(self.conv1(x)))
     c2 = jax.nn.relu(self.bn2(self.conv2(c1)))
+    c3 = self.bn3(self.conv3(c2))
     shortcut = x if self.downsample is None else self.downsample(x)
-    c3 = jax.nn.relu(self.bn3(self.conv3(c2)) + shortcut)
-    return c1, c2, c3
+    return c1, c2, c3, jax.nn.relu(c3 + shortcut)
 
 
 def stage_dilations(stage_blocks: tuple[int, ...], output_stride: int,
@@ -141,6 +145,7 @@ class ResNet(nnx.Module):
           feature_stride *= stride
         info[f'b{stage}u{unit + 1}c2'] = (width, feature_stride)
         info[f'b{stage}u{unit + 1}c3'] = (in_channels, feature_stride)
+        info[f'b{stage}u{unit + 1}'] = (in_channels, feature_stride)
       setattr(self, f'layer{stage}', nnx.List(units))
     info['out'] = (in_channels, feature_stride)
     self._feature_info = tuple(info.items())  # hashable: part of the NNX graph definition
@@ -160,9 +165,10 @@ class ResNet(nnx.Module):
     x = _max_pool(x)
     for stage in range(1, len(self.stage_blocks) + 1):
       for unit, block in enumerate(getattr(self, f'layer{stage}'), start=1):
-        c1, c2, x = block(x)
+        c1, c2, c3, x = block(x)
         features[f'b{stage}u{unit}c1'] = c1
         features[f'b{stage}u{unit}c2'] = c2
-        features[f'b{stage}u{unit}c3'] = x
+        features[f'b{stage}u{unit}c3'] = c3
+        features[f'b{stage}u{unit}'] = x
     features['out'] = x
     return features
