@@ -3,7 +3,8 @@
   python benchmarks/check_timm_xception.py [--depth=65] [--size=97x113]
 
 Needs torch + timm (not dunet_jax requirements). The weights go through the users' path
-(.safetensors -> convert_weights -> .npz -> pretrained.load_backbone_weights). Every separable
+(.safetensors -> convert_weights -> .npz -> pretrained.load_backbone_weights, which also checks the
+recorded input normalisation against timm's for xception*.tf_in1k). Every separable
 conv output (our efbXuYcZ / mfbXuYcZ / exbXuYcZ = timm's blocks.<i>.stack.convZ), every unit
 output and 'out' are compared in eval mode, float32, at output stride 32, 16 and 8 (Xception-71:
 32 and 16 only, because at 8 timm drops the 1x1 shortcut of a unit whose stride it removed,
@@ -67,7 +68,8 @@ def main() -> None:
         backbone='xception', depth=args.depth, stage_blocks=(), base_width=64,
         output_stride=output_stride, multi_grid=(1, 1, 1), compute_dtype='float32'))
     ours = xception.Xception(config, rngs=nnx.Rngs(0))
-    torch_parity.load_converted(reference, f'xception{args.depth}', ours)
+    published = timm.models.get_pretrained_cfg(f'xception{args.depth}.tf_in1k')  # the weights users convert
+    torch_parity.load_converted(reference, f'xception{args.depth}', ours, published.mean, published.std)
     ours.eval()
     expected = timm_features(reference, names, images)
     got = nnx.jit(lambda model, x: model(x))(ours, images.numpy().transpose(0, 2, 3, 1))

@@ -35,9 +35,11 @@ def randomize_batch_norms(module: torch.nn.Module, seed: int) -> None:
         layer.running_var.copy_(0.5 + torch.rand(size, generator=generator))
 
 
-def load_converted(torch_model: torch.nn.Module, arch: str, ours) -> None:
+def load_converted(torch_model: torch.nn.Module, arch: str, ours, pixel_mean=None, pixel_std=None) -> None:
   """Saves `torch_model`'s state dict as .safetensors, converts it for `arch`, loads it into `ours`.
 
+  With `pixel_mean` / `pixel_std` (the reference library's normalisation of the published
+  weights), loading also checks them against the convention the converter recorded.
   What the converter and loader print goes to stderr: stdout carries only the JSON line.
   """
   with tempfile.TemporaryDirectory() as directory, contextlib.redirect_stdout(sys.stderr):
@@ -46,7 +48,7 @@ def load_converted(torch_model: torch.nn.Module, arch: str, ours) -> None:
     state = {key: value.contiguous() for key, value in torch_model.state_dict().items()}
     save_file(state, str(source))
     convert_weights.convert_file(str(source), arch, str(output))
-    pretrained.load_backbone_weights(ours, output)
+    pretrained.load_backbone_weights(ours, output, pixel_mean=pixel_mean, pixel_std=pixel_std)
 
 
 def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:

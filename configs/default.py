@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.synthetic_num_train = 0
   data.synthetic_num_val = 0
   data.synthetic_seed = 0            # the built-in images are a pure function of this seed
-  data.context_classes = 59          # PASCAL Context: 59 (background -> 255, paper) or 60 (background = 0)
+  data.context_classes = 60          # PASCAL Context: 60 (background = class 0, scored: the paper's) or 59 (background -> 255)
   data.train_split = 'train_aug'
   data.eval_split = 'val'
   data.num_classes = 21
@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.max_scale = 2.0
   data.flip = True
   data.photometric = False
-  data.pad_pixel = (124, 116, 104)  # training/eval padding colour: ImageNet mean pixel (0..255)
+  data.pad_pixel = (124, 116, 104)  # training/eval padding colour: 255 * model.pixel_mean, which normalises to 0
   data.eval_pad_size = 512           # eval images are padded (never resized) to this square size
   data.skip_bad_files = False        # True: skip unreadable / invalid files at build time and count them
 
@@ -54,10 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_components = 64          # C': the compressed label dimension DUpsample predicts
   model.train_w = False              # W is fixed from the labels (paper); True lets it train
   model.temperature_init = 1.0
-  model.pretrained = ''              # .npz written by `python -m dunet_jax.convert_weights`
+  model.pretrained = ''              # .npz written by `python -m dunet_jax.convert_weights`; 'none': from scratch on purpose
+  model.require_pretrained = False   # True (paper presets): refuse to train without model.pretrained
   model.compute_dtype = 'bfloat16'   # activations; parameters, BN statistics and loss stay float32
-  model.pixel_mean = (0.485, 0.456, 0.406)
-  model.pixel_std = (0.229, 0.224, 0.225)
+  model.pixel_mean = (0.485, 0.456, 0.406)  # RGB, 0..1 units; must match the pretrained weights'
+  model.pixel_std = (0.229, 0.224, 0.225)   # normalisation (recorded in the .npz, checked on load)
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 16              # global batch over all devices and processes

@@ -4,6 +4,12 @@
 layer name the preset fuses (so the same features exist) but shrinks widths, input size and
 steps, and trains on the built-in synthetic data: it is what the CPU tests run.
 
+Every preset trains from ImageNet weights and refuses to start without
+`--config.model.pretrained=W.npz` (the message gives the convert_weights command for its backbone);
+`--config.model.pretrained=none` trains from scratch on purpose. Xception presets normalise inputs
+as timm's TF-ported weights expect (mean = std = 0.5, padding colour 128); ResNet presets use the
+ImageNet mean / std of torchvision and timm's gluon weights.
+
 Presets (R-50 / R-101 use the deep 'v1c' stem, which provides conv1_3; convert timm's
 resnet50c / resnet101c weights, or use `--config.model.stem=standard` with torchvision's):
   r50_os16, r50_os32                  Table 1: DUpsample, no fusion
@@ -19,8 +25,20 @@ resnet50c / resnet101c weights, or use `--config.model.stem=standard` with torch
 
 Decoder widths (the paper does not state them; chosen so that XLA's FLOPs match Tables 2/3, see
 benchmarks/flops_tables.py): ASPP of 256 on the backbone; each fused feature pooled down, 1x1
-conv to 48, one 3x3 conv to 256; concatenated with ASPP's output; 1x1 conv to C' = 64; DUpsample.
+conv to 48, one 3x3 conv to 256; concatenated with ASPP's output; 1x1 conv to C'; DUpsample.
 The vanilla decoder uses separable 3x3 convs of 256 as DeepLabV3+ does.
+
+C' (model.num_components, not stated in the paper) per preset, from the FLOPs and the upper bound
+(README, "Measured"):
+  ResNet at r = 8 or 16: C' = 64. Table 2's FLOPs are reproduced with 64 (its 'none' row, 0.80 G,
+    is ASPP 256 -> 1x1 to 64 -> DUpsample to 16*16*21); 128 would add 0.82 G to every row. The
+    upper bound at r = 16 is 99.71 mIoU with 64 (99.91 with 128), far above what the net reaches.
+  Xception: C' = 128. Table 3's proposed X-65 rows (1.93 / 1.98 G) are 0.78 / 0.75 G above the
+    ResNet rows fusing as many channels; going from 64 to 128 adds (512 * 64 + 64 * 5,376)
+    multiply-adds per stride-16 position = 0.82 GFLOPs at 513, which closes that gap (1.92 / 1.96).
+  r = 32 (os32): C' = 128. The upper bound at r = 32 is 98.48 mIoU with 64 but 99.54 with 128:
+    with 64, reconstructing ground truth alone loses 1.5 mIoU, more than the 1.0 that separates
+    Table 1's DUpsample rows at OS32 and OS16; 128 loses 0.5.
 """
 import ml_collections
 
@@ -32,6 +50,9 @@ FUSIONS = {
     'efb2u1c2': ('efb2u1c2',), 'mfb1u16c3': ('mfb1u16c3',),
     'efb2u1c2_mfb1u16c3': ('efb2u1c2', 'mfb1u16c3'),
 }
+# The input convention of timm's TF-ported Xception weights (what convert_weights records for
+# xception65 / xception71), and the padding colour that normalises to ~0 under it (127.5 -> 128).
+TF_MEAN, TF_STD, TF_PAD_PIXEL = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), (128, 128, 128)
 BACKBONES = {'r50': ('resnet', 50), 'r101': ('resnet', 101), 'x65': ('xception', 65),
              'x71': ('xception', 71)}
 
@@ -62,6 +83,11 @@ def _parse(name: str) -> tuple[str, int, str, tuple[str, ...]]:
   if output_stride not in ('8', '16', '32'):
     raise ValueError(f'Preset {name!r}: the output stride must be os8, os16 or os32')
   return backbone, int(output_stride), decoder, fusion
+
+
+def num_components(backbone: str, output_stride: int) -> int:
+  """C' of a preset: 128 for Xception and at r = 32, else 64 (why: the module docstring)."""
+  return 128 if BACKBONES[backbone][0] == 'xception' or output_stride == 32 else 64
 
 
 def _tiny(config: ml_collections.ConfigDict) -> None:
@@ -127,8 +153,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.fuse_convs = 1
   model.decoder_convs = 0
   model.separable_convs = decoder == 'deeplabv3plus'
-  model.num_components = 64
+  model.num_components = num_components(backbone, output_stride)
   model.compute_dtype = 'bfloat16'
+  if model.backbone == 'xception':  # timm's xception*.tf_in1k (DeepLab's TF weights) expect 0.5 / 0.5
+    model.pixel_mean, model.pixel_std = TF_MEAN, TF_STD
+    config.data.pad_pixel = TF_PAD_PIXEL
+  model.require_pretrained = not tiny
   if tiny:
     _tiny(config)
   return config

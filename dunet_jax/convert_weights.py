@@ -12,7 +12,8 @@ Conv kernels go from OIHW to HWIO (depthwise: (C, 1, 3, 3) -> (3, 3, 1, C)). Not
 
 The output is an uncompressed `.npz` keyed by our parameter paths joined with '/'
 ('layer1/0/conv1/kernel', 'units/efb2u1/conv2/bn_dw/mean', ...), plus the string entries
-`__arch__` and `__source__`.
+`__arch__` and `__source__` and the input convention the source was trained with (mean, std,
+channel order, pixel range: `pretrained.InputConvention`), which loading checks against the config.
 """
 import dataclasses
 import functools
@@ -43,6 +44,7 @@ class Arch:
   stem: str = 'standard'
   avg_down: bool = False
   published: str = ''  # where users get the file (for --help and the README)
+  convention: pretrained.InputConvention = pretrained.IMAGENET  # the source's input normalisation
 
 
 ARCHS = {
@@ -56,8 +58,10 @@ ARCHS = {
                       published='timm resnet50d.{a1_in1k,gluon_in1k,ra2_in1k}'),
     'resnet101d': Arch('resnet', 101, 'timm_deep_stem', stem='deep', avg_down=True,
                        published='timm resnet101d.{gluon_in1k,ra2_in1k}'),
-    'xception65': Arch('xception', 65, 'timm_xception', published='timm xception65.tf_in1k'),
-    'xception71': Arch('xception', 71, 'timm_xception', published='timm xception71.tf_in1k'),
+    'xception65': Arch('xception', 65, 'timm_xception', published='timm xception65.tf_in1k',
+                       convention=pretrained.TF_INCEPTION),
+    'xception71': Arch('xception', 71, 'timm_xception', published='timm xception71.tf_in1k',
+                       convention=pretrained.TF_INCEPTION),
 }
 
 # Source tensors we drop on purpose: the 1000-class ImageNet heads and PyTorch's BN step counters.
@@ -220,8 +224,9 @@ def convert(state_dict: dict[str, np.ndarray], arch_name: str,
 
 
 def write_npz(path: str | pathlib.Path, arrays: dict[str, np.ndarray], arch_name: str, source: str) -> None:
-  """Writes our arrays plus the __arch__ / __source__ strings that `pretrained` checks."""
-  metadata = {pretrained.ARCH_KEY: np.asarray(arch_name), pretrained.SOURCE_KEY: np.asarray(str(source))}
+  """Writes our arrays plus the arch, source and input convention that `pretrained` checks."""
+  metadata = {pretrained.ARCH_KEY: np.asarray(arch_name), pretrained.SOURCE_KEY: np.asarray(str(source)),
+              **ARCHS[arch_name].convention.arrays()}
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   with open(path, 'wb') as file:
     np.savez(file, **arrays, **metadata)
@@ -237,7 +242,9 @@ def convert_file(source: str, arch_name: str, output: str) -> dict[str, int]:
   num_values = sum(int(array.size) for array in arrays.values())
   print(f'{source}: {len(state_dict)} tensors read; {len(arrays)} mapped onto our {arch_name} '
         f'({num_values:,} values); {len(dropped)} dropped on purpose: {_key_list(dropped, limit=8)}')
-  print(f'wrote {output}; use it with --config.model.pretrained={output}')
+  mean, std = ARCHS[arch_name].convention.config_mean_std()
+  print(f'wrote {output}; use it with --config.model.pretrained={output} (it expects '
+        f'model.pixel_mean={mean}, model.pixel_std={std})')
   return {'read': len(state_dict), 'mapped': len(arrays), 'dropped': len(dropped)}
 
 

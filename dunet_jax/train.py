@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from dunet_jax import checkpoint, evaluate, metrics, reconstruction, sharding, throughput
 from dunet_jax.data import IGNORE_LABEL, datasets, pipeline
-from dunet_jax.models import dunet
+from dunet_jax.models import config_checks, dunet
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -81,8 +81,7 @@ def create_model(config: ml_collections.ConfigDict, fitted_w: np.ndarray | None)
   options = _FAST_CPU_COMPILE if jax.default_backend() == 'cpu' else None
   initialise = jax.jit(lambda: nnx.state(make()), compiler_options=options)
   model = nnx.merge(graphdef, initialise())
-  if config.model.pretrained:
-    pretrained.load_backbone_weights(model.backbone, config.model.pretrained)
+  pretrained.load_pretrained(model.backbone, config.model)
   return model
 
 
@@ -159,6 +158,7 @@ class PreemptionWatcher:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains (or resumes) the run in `workdir` to config.train.num_steps; returns the last eval metrics."""
+  config_checks.validate_model(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0

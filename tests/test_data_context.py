@@ -231,3 +231,15 @@ def test_bad_inputs_name_the_file(tmp_path, real, case):
   with pytest.raises(Exception, match=reason) as error:
     build(manual_dir, tmp_path / 'tfds')
   assert expected in str(error.value)
+
+
+def test_context_config_defaults_to_60_classes_with_background_scored():
+  from configs import context
+  from dunet_jax.data import datasets
+  data = context.get_config().data
+  assert (data.dataset, data.context_classes, data.num_classes) == ('pascal_context', 60, 60)
+  names = datasets.class_names(data)
+  assert len(names) == 60 and names[0] == 'background'
+  assert datasets.label_lookup(data) is None  # stored labels (0 = background) are scored as they are
+  data.context_classes = data.num_classes = 59  # the documented option
+  assert datasets.label_lookup(data)[0] == 255 and len(datasets.class_names(data)) == 59

@@ -304,6 +304,7 @@ def test_training_labels_are_decoded_once_transposed_and_relabelled(monkeypatch)
   stored = [rng.integers(0, 60, size, dtype=np.uint8) for size in [(3, 5), (4, 2), (6, 6)]]
   stored[0][0, 0] = 255
   data = context.get_config().data
+  data.context_classes = 59  # the option that relabels (background -> 255)
   records = pipeline.decoded_labels(
       tf.constant([_jpeg(*label.shape) for label in stored]),
       tf.constant([_png(label) for label in stored]), tf.constant(['a', 'b', 'c']),
@@ -335,11 +336,11 @@ def test_an_undecodable_or_mis_sized_training_example_stops_the_start_with_its_i
 
 
 def test_context_59_class_labels_ignore_background():
-  """PASCAL Context stores 60 classes; the paper's 59-class protocol ignores background."""
+  """PASCAL Context stores 60 classes, the default (paper's) protocol; the 59-class option ignores background."""
   from configs import context
   stored = np.array([[0, 1, 30, 59, 255]], np.uint8)
   png = tf.io.encode_png(stored[..., None])
   config = context.get_config()
+  np.testing.assert_array_equal(pipeline._label_decoder(config.data)(png).numpy(), stored)  # 60: default
+  config.data.context_classes = 59
   np.testing.assert_array_equal(pipeline._label_decoder(config.data)(png).numpy(), [[255, 0, 29, 58, 255]])
-  config.data.context_classes = 60
-  np.testing.assert_array_equal(pipeline._label_decoder(config.data)(png).numpy(), stored)

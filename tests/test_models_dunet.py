@@ -95,3 +95,12 @@ def test_bad_presets_and_feature_names_are_clear_errors():
   config.model.fuse_features = ('b1u3c3',)
   with pytest.raises(ValueError, match='model.fuse_features'):
     nnx.eval_shape(lambda: DUNet(config.model, NUM_CLASSES, reconstruction=None, rngs=nnx.Rngs(0)))
+
+
+def test_presets_pick_c_prime_from_the_flops_and_the_upper_bound():
+  # configs/voc.py: 64 reproduces Table 2 (ResNet, r = 16); 128 reproduces Table 3's Xception rows
+  # and keeps the r = 32 upper bound within 0.5 mIoU.
+  expected = {'r50_os16': 64, 'r50_os16_conv1_3_b3u6c3': 64, 'r101_os8_deeplabv3plus': 64,
+              'r50_os32': 128, 'r50_os32_bilinear': 128, 'x65_os16': 128, 'x65_os16_efb2u1c2': 128,
+              'x71_os16': 128}
+  assert {preset: voc.get_config(preset).model.num_components for preset in expected} == expected

@@ -1,8 +1,9 @@
 """TFDS builder 'pascal_context': VOC 2010 images with the 59 most frequent PASCAL Context classes.
 
 Stored labels use the 60-class convention (0 = background, i.e. every other of the 459 classes;
-1..59 = the 59 classes in alphabetical order). `to_59_classes` gives the paper's 59-class
-convention (background ignored as 255) and config.data.context_classes picks between them.
+1..59 = the 59 classes in alphabetical order), the paper's protocol (background scored).
+`to_59_classes` gives the other common 59-class convention (background ignored as 255);
+config.data.context_classes picks between them.
 
 Images come from VOC 2010 (`VOCtrainval_03-May-2010.tar` or its extracted VOCdevkit/VOC2010); the
 splits are VOC 2010's ImageSets/Main train (4,998) and val (5,105). Labels come from the first of:
