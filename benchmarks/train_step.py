@@ -26,12 +26,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from configs import default  # noqa: E402
-from dunet_jax import checkpoint, sharding, throughput, train  # noqa: E402
+from dunet_jax import sharding, throughput, train, train_state  # noqa: E402
 from dunet_jax.data import IGNORE_LABEL  # noqa: E402
-from dunet_jax.models import dunet  # noqa: E402
 
 # Model overrides of configs/default.py per preset.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -105,25 +103,18 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
   rng = np.random.default_rng(0)
   ratio = config.model.output_stride
   w = rng.standard_normal((ratio * ratio * config.data.num_classes, config.model.num_components))
-  model = dunet.DUNet(config.model, config.data.num_classes, reconstruction=w.astype(np.float32),
-                      rngs=nnx.Rngs(config.seed))
-  _, params, model_state = checkpoint.split_model(model)
-  tx = train.make_optimizer(config, params)
-  state = (params, model_state, tx.init(params))
-  state_shardings = tuple(sharding.tree_shardings(mesh, part) for part in state)
-  state = jax.device_put(state, state_shardings)
-  train_step = train.make_train_step(model, config, tx, mesh, state_shardings)
+  state, shardings = train_state.create_train_state(config, w.astype(np.float32), mesh)
+  train_step = train.make_train_step(mesh, shardings)
   batch = sharding.to_global(random_batch(config, rng), mesh)
 
   start = time.perf_counter()
-  compiled = train_step.lower(*state, batch).compile()
+  compiled = train_step.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - start
   flops_per_step = throughput.step_flops(compiled)
 
   def one_step():
     nonlocal state
-    *new_state, step_metrics = compiled(*state, batch)
-    state = tuple(new_state)
+    state, step_metrics = compiled(state, batch)
     return step_metrics['loss']
 
   matmul = make_matmul(args.matmul_size) if device.platform == 'cpu' and args.matmul_size else None

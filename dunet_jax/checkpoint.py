@@ -22,7 +22,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dunet_jax import sharding
+from dunet_jax import sharding, train_state
 from dunet_jax.models import dunet
 
 CONFIG_FILE = 'config.json'
@@ -48,13 +48,26 @@ def make_manager(workdir: str | pathlib.Path, keep: int = 3, read_only: bool = F
                                item_names=('params', 'model_state', 'opt_state', 'progress'))
 
 
-def save(manager: ocp.CheckpointManager, step: int, params: Any, model_state: Any, opt_state: Any) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state: train_state.TrainState) -> None:
   """Starts an asynchronous save of the training state at `step` (every process must call it)."""
   manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      model_state=ocp.args.StandardSave(model_state),
-      opt_state=ocp.args.StandardSave(opt_state),
+      **{name: ocp.args.StandardSave(getattr(state, name)) for name in train_state.ARRAY_FIELDS},
       progress=ocp.args.JsonSave({'step': int(step)})))
+
+
+def restore_train_state(manager: ocp.CheckpointManager, state: train_state.TrainState,
+                        shardings: train_state.TrainState) -> tuple[train_state.TrainState, int] | None:
+  """`state` with its arrays replaced by the newest readable checkpoint's, laid out with `shardings`.
+
+  Returns None when there is no checkpoint. An unreadable step is set aside (see `restore`).
+  """
+  target = train_state.abstract(state, shardings)
+  restored = restore(manager, {name: getattr(target, name) for name in train_state.ARRAY_FIELDS},
+                     set_aside_unreadable=True)
+  if restored is None:
+    return None
+  items, step = restored
+  return state.replace(**items), step
 
 
 def restore(manager: ocp.CheckpointManager, abstract: dict[str, Any], step: int | None = None,
@@ -102,9 +115,7 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
 
 def abstract_with_shardings(tree: Any, mesh: Mesh) -> Any:
   """ShapeDtypeStructs for `tree` whose shardings fit `mesh` (FSDP rules, else replicated)."""
-  return jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                        sharding=sharding.parameter_sharding(mesh, tuple(leaf.shape))), tree)
+  return train_state.abstract(tree, sharding.tree_shardings(mesh, tree))
 
 
 def _flatten(config: dict, prefix: str = '') -> dict[str, Any]:
@@ -147,11 +158,6 @@ def check_resumable(workdir: str | pathlib.Path, config: ml_collections.ConfigDi
         f'({pathlib.Path(workdir) / CONFIG_FILE}) or start a new run in a fresh --workdir.')
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-  """(graphdef, trainable params, everything else: BatchNorm statistics, a frozen W, T's state)."""
-  return nnx.split(model, nnx.Param, ...)
-
-
 def restore_model(workdir: str | pathlib.Path, step: int | None = None,
                   mesh: Mesh | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
   """The trained model of a workdir, in eval mode, on this process's devices (replicated)."""
@@ -159,7 +165,7 @@ def restore_model(workdir: str | pathlib.Path, step: int | None = None,
   mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
   abstract_model = nnx.eval_shape(lambda: dunet.DUNet(config.model, config.data.num_classes,
                                                       reconstruction=None, rngs=nnx.Rngs(0)))
-  graphdef, params, model_state = split_model(abstract_model)
+  graphdef, params, model_state = train_state.split_model(abstract_model)
   manager = make_manager(workdir, read_only=True)
   restored = restore(manager, {'params': abstract_with_shardings(params, mesh),
                                'model_state': abstract_with_shardings(model_state, mesh)}, step)

@@ -23,9 +23,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dunet_jax import checkpoint, evaluate, metrics, reconstruction, sharding, throughput
+from dunet_jax import checkpoint, evaluate, metrics, reconstruction, sharding, throughput, train_state
 from dunet_jax.data import IGNORE_LABEL, datasets, pipeline
-from dunet_jax.models import config_checks, dunet
+from dunet_jax.models import config_checks
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,71 +41,24 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
-  """SGD with momentum (the paper; or AdamW), poly learning rate, weight decay on kernels only.
+def make_train_step(mesh: Mesh, shardings: train_state.TrainState) -> Callable[..., Any]:
+  """The jitted step (state, batch) -> (state, metrics): loss, grads, optimizer update and new
+  BatchNorm statistics, with the state laid out by `shardings` and donated."""
 
-  BatchNorm scales and biases, the temperature T and a trainable W are not decayed: decaying W
-  pulls it away from the label subspace it was fitted to (one of the reimplementations' faults).
-  """
-  schedule = optax.polynomial_schedule(init_value=config.train.learning_rate, end_value=0.0,
-                                       power=config.train.poly_power, transition_steps=config.train.num_steps)
-  decay_mask = jax.tree_util.tree_map_with_path(lambda path, _: _variable_name(path) == 'kernel', params)
-  if config.train.optimizer == 'sgd':
-    return optax.chain(optax.add_decayed_weights(config.train.weight_decay, mask=decay_mask),
-                       optax.sgd(schedule, momentum=config.train.momentum))
-  if config.train.optimizer == 'adamw':
-    return optax.adamw(schedule, weight_decay=config.train.weight_decay, mask=decay_mask)
-  raise ValueError(f'config.train.optimizer={config.train.optimizer!r}: use "sgd" (the paper) or "adamw".')
-
-
-def _variable_name(path: tuple) -> str:
-  """The attribute name of the variable a state leaf belongs to ('kernel', 'bias', 'scale', ...)."""
-  return [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)][-1]
-
-
-# XLA:CPU spends about a second on every compile, however small the program: eager initialisation
-# compiles one program per parameter shape (tens of seconds for a DUNet), so `create_model` compiles
-# the whole initialisation as one program, without LLVM's costly optimisations (it runs once).
-_FAST_CPU_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-
-
-def create_model(config: ml_collections.ConfigDict, fitted_w: np.ndarray | None) -> dunet.DUNet:
-  """A freshly initialised DUNet, with W and ImageNet backbone weights when given."""
-  from dunet_jax.models import pretrained  # only needed when a backbone checkpoint is given
-
-  def make() -> dunet.DUNet:
-    return dunet.DUNet(config.model, config.data.num_classes, reconstruction=fitted_w,
-                       rngs=nnx.Rngs(config.seed))
-
-  graphdef = nnx.graphdef(nnx.eval_shape(make))
-  options = _FAST_CPU_COMPILE if jax.default_backend() == 'cpu' else None
-  initialise = jax.jit(lambda: nnx.state(make()), compiler_options=options)
-  model = nnx.merge(graphdef, initialise())
-  pretrained.load_pretrained(model.backbone, config.model)
-  return model
-
-
-def make_train_step(model: dunet.DUNet, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                    mesh: Mesh, state_shardings: tuple[Any, Any, Any]) -> Callable[..., Any]:
-  """The jitted train step: loss, grads, SGD update and new BatchNorm statistics; donates the state."""
-  model.train()
-  train_graph = nnx.graphdef(model)
-
-  def train_step(params, model_state, opt_state, batch):
+  def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
     def loss_fn(params, model_state):
-      net = nnx.merge(train_graph, params, model_state, copy=True)
+      net = nnx.merge(state.graphdef, params, model_state, copy=True)
       loss = cross_entropy(net(batch['image']), batch['label'])
       return loss, nnx.state(net, nnx.Not(nnx.Param))
 
-    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(params)]))
-    return params, model_state, opt_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'finite': finite}
+    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.model_state)
+    state = state.apply_gradients(grads, model_state)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.isfinite(leaf).all()
+                                                     for leaf in jax.tree.leaves(state.params)]))
+    return state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'finite': finite}
 
-  batch = sharding.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(*state_shardings, batch),
-                 out_shardings=(*state_shardings, sharding.replicated(mesh)), donate_argnums=(0, 1, 2))
+  return jax.jit(train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def fit_or_load_w(config: ml_collections.ConfigDict, workdir: pathlib.Path, builder: Any,
@@ -176,26 +129,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     builder = datasets.prepare(config.data)
 
   fitted_w = fit_or_load_w(config, workdir, builder, mesh)
-  model = create_model(config, fitted_w)
-  _, params, model_state = checkpoint.split_model(model)
-  tx = make_optimizer(config, params)
-  opt_state = tx.init(params)
-
-  state = (params, model_state, opt_state)
-  state_shardings = tuple(sharding.tree_shardings(mesh, part) for part in state)
-  params, model_state, opt_state = jax.device_put(state, state_shardings)
+  state, shardings = train_state.create_train_state(config, fitted_w, mesh)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
-  restored = checkpoint.restore(manager, {
-      'params': checkpoint.abstract_with_shardings(params, mesh),
-      'model_state': checkpoint.abstract_with_shardings(model_state, mesh),
-      'opt_state': checkpoint.abstract_with_shardings(opt_state, mesh)}, set_aside_unreadable=True)
+  restored = checkpoint.restore_train_state(manager, state, shardings)
   step = 0
   if restored is not None:
-    items, step = restored
-    params, model_state, opt_state = items['params'], items['model_state'], items['opt_state']
+    state, step = restored
     logging.info('Resumed from %s at step %d.', manager.directory, step)
 
-  train_step = make_train_step(model, config, tx, mesh, state_shardings)
+  train_step = make_train_step(mesh, shardings)
   num_steps = config.train.num_steps
   eval_metrics: dict = {}
   if step >= num_steps:
@@ -207,9 +149,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       builder, config.data, split=config.data.train_split, global_batch_size=config.train.batch_size,
       seed=config.seed, start_step=step, process_index=jax.process_index(), process_count=jax.process_count())
   first_batch = sharding.to_global(next(batches), mesh)
-  compiled = train_step.lower(params, model_state, opt_state, first_batch).compile()
+  compiled = train_step.lower(state, first_batch).compile()
   flops_per_step = throughput.step_flops(compiled)
   peak = throughput.resolve_peak_flops(config.train.peak_flops)
+  learning_rate = train_state.learning_rate_schedule(config)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   watcher = PreemptionWatcher()
   pending_checks: list[tuple[jax.Array, jax.Array]] = []
@@ -217,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   batch = first_batch
   try:
     while step < num_steps:
-      params, model_state, opt_state, step_metrics = compiled(params, model_state, opt_state, batch)
+      state, step_metrics = compiled(state, batch)
       step += 1
       pending_checks.append((step_metrics['loss'], step_metrics['finite']))
       report_progress(step)
@@ -232,20 +175,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           last_log = (now, step)
           writer.write_scalars(step, {
               'train/loss': float(step_metrics['loss']), 'train/grad_norm': float(step_metrics['grad_norm']),
-              'train/learning_rate': float(optax.polynomial_schedule(
-                  config.train.learning_rate, 0.0, config.train.poly_power, num_steps)(step)),
+              'train/learning_rate': float(learning_rate(step)),
               'train/images_per_second': config.train.batch_size / seconds_per_step,
               'train/model_flops_per_second': flops_per_step / seconds_per_step,
               'train/mfu': throughput.mfu(flops_per_step, seconds_per_step, mesh.size, peak)})
       if step % config.train.checkpoint_every == 0 or is_last or stopping:
-        checkpoint.save(manager, step, params, model_state, opt_state)
+        checkpoint.save(manager, step, state)
       if stopping:
         logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
         break
       if step % config.train.eval_every == 0 or is_last:
         with report_progress.timed('eval'):
-          eval_model = nnx.merge(nnx.graphdef(model), params, model_state)
-          eval_metrics = evaluate.evaluate_model(eval_model, config, mesh, builder,
+          eval_metrics = evaluate.evaluate_model(state.eval_model(), config, mesh, builder,
                                                  num_images_to_log=config.eval.num_images_to_log)
         _write_eval(writer, step, eval_metrics, config)
       if not is_last:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dunet_jax import checkpoint, reconstruction, train
+from dunet_jax import checkpoint, reconstruction, train_state
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 20
@@ -160,7 +160,7 @@ def test_two_processes_match_one_process(tmp_path, data_dir, coordinator_address
   step_multi, got = _params(multi)
   assert step_single == step_multi == 1
   config = checkpoint.load_config(single)
-  initial = jax.device_get(nnx.to_pure_dict(nnx.state(train.create_model(config, w_single.w))))
+  initial = jax.device_get(nnx.to_pure_dict(nnx.state(train_state.create_model(config, w_single.w))))
 
   def check(path, got_leaf, expected_leaf, initial_leaf):
     update = np.abs(np.asarray(expected_leaf, np.float64) - initial_leaf).max()

@@ -135,7 +135,7 @@ def tiny_run(directory, step: int = 5):
   The model stays in memory (on the 8 devices) as the original run's reference.
   """
   from configs import synthetic
-  from dunet_jax import checkpoint, sharding
+  from dunet_jax import checkpoint, sharding, train_state
   workdir = pathlib.Path(directory) / 'tiny_run'
   if workdir in _TINY_RUNS:
     return workdir, _TINY_RUNS[workdir]
@@ -145,14 +145,16 @@ def tiny_run(directory, step: int = 5):
   config.data.tfds_data_dir = str(pathlib.Path(directory) / 'synthetic' / 'tfds')
   model = random_model(config)
   mesh = sharding.make_mesh(config.mesh)
-  graphdef, params, model_state = checkpoint.split_model(model)
+  graphdef, params, model_state = train_state.split_model(model)
   params = jax.device_put(params, sharding.tree_shardings(mesh, params))
   model_state = jax.device_put(model_state, sharding.tree_shardings(mesh, model_state))
   assert any(leaf.sharding.spec != jax.sharding.PartitionSpec() for leaf in jax.tree.leaves(params))
   workdir.mkdir(parents=True)
   checkpoint.save_config(workdir, config)
   manager = checkpoint.make_manager(workdir)
-  checkpoint.save(manager, step, params, model_state, {'count': np.zeros((), np.int32)})
+  state = train_state.TrainState(graphdef=graphdef, tx=None, params=params, model_state=model_state,
+                                 opt_state={'count': np.zeros((), np.int32)})
+  checkpoint.save(manager, step, state)
   manager.wait_until_finished()
   _TINY_RUNS[workdir] = nnx.merge(graphdef, params, model_state)
   return workdir, _TINY_RUNS[workdir]

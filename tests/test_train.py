@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import synthetic
-from dunet_jax import checkpoint, sharding, train
+from dunet_jax import checkpoint, sharding, train, train_state
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,20 +31,14 @@ def _random_batch(config, batch_size=8, size=64, seed=0):
 
 
 def _run_steps(config, mesh, batches, fitted_w):
-  model = train.create_model(config, fitted_w)
-  _, params, model_state = checkpoint.split_model(model)
-  tx = train.make_optimizer(config, params)
-  state = (params, model_state, tx.init(params))
-  shardings = tuple(sharding.tree_shardings(mesh, part) for part in state)
-  params, model_state, opt_state = jax.device_put(state, shardings)
-  train_step = train.make_train_step(model, config, tx, mesh, shardings)
+  """(losses, state after the steps) of the real train step on `mesh`."""
+  state, shardings = train_state.create_train_state(config, fitted_w, mesh)
+  train_step = train.make_train_step(mesh, shardings)
   losses = []
   for batch in batches:
-    params, model_state, opt_state, step_metrics = train_step(params, model_state, opt_state,
-                                                              sharding.to_global(batch, mesh))
+    state, step_metrics = train_step(state, sharding.to_global(batch, mesh))
     losses.append(float(step_metrics['loss']))
-  return losses, jax.device_get(nnx.to_pure_dict(params)), jax.device_get(nnx.to_pure_dict(model_state)), \
-      jax.device_get(opt_state)
+  return losses, state
 
 
 def _fitted_w(config):
@@ -60,13 +54,16 @@ def test_sharded_steps_equal_one_device(mesh_shape):
   w = _fitted_w(config)
   one = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1}), devices=jax.devices()[:1])
   many = sharding.make_mesh(config.mesh)
-  losses_1, params_1, state_1, _ = _run_steps(config, one, batches, w)
-  losses_8, params_8, state_8, _ = _run_steps(config, many, batches, w)
+  losses_1, state_1 = _run_steps(config, one, batches, w)
+  losses_8, state_8 = _run_steps(config, many, batches, w)
   np.testing.assert_allclose(losses_8, losses_1, rtol=2e-5)
   assert losses_1[2] != losses_1[0]  # the steps really changed the parameters
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params_8, params_1)
-  # BatchNorm statistics are those of the global batch, not of one device's share.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), state_8, state_1)
+  assert any(leaf.sharding.spec != jax.sharding.PartitionSpec() for leaf in jax.tree.leaves(state_8.params)) \
+      == (mesh_shape['fsdp'] > 1)
+  # Parameters, and BatchNorm statistics, which are those of the global batch, not of one device's share.
+  for name in ('params', 'model_state'):
+    got, expected = (jax.device_get(nnx.to_pure_dict(getattr(state, name))) for state in (state_8, state_1))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), got, expected)
 
 
 def test_cross_entropy_ignores_void_and_matches_numpy():
@@ -84,9 +81,9 @@ def test_cross_entropy_ignores_void_and_matches_numpy():
 def test_weight_decay_applies_to_kernels_only(optimizer):
   config = _tiny_config()
   config.train.optimizer = optimizer
-  model = train.create_model(config, _fitted_w(config))
-  _, params, _ = checkpoint.split_model(model)
-  tx = train.make_optimizer(config, params)
+  model = train_state.create_model(config, _fitted_w(config))
+  _, params, _ = train_state.split_model(model)
+  tx = train_state.make_optimizer(config, params)
   ones = jax.tree.map(np.ones_like, params)
   updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(ones), ones)
   for path, update in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(updates)):
@@ -94,30 +91,30 @@ def test_weight_decay_applies_to_kernels_only(optimizer):
     assert (np.abs(np.asarray(update)).max() > 0) == (name == 'kernel'), name
 
 
+def _arrays(state: train_state.TrainState) -> dict:
+  """The arrays of a state, on the host (the static graph of two separately built states differs)."""
+  return jax.device_get({name: getattr(state, name) for name in train_state.ARRAY_FIELDS})
+
+
 def test_checkpoint_round_trip_is_exact(tmp_path):
   config = _tiny_config()
   mesh = sharding.make_mesh(config.mesh)
-  model = train.create_model(config, _fitted_w(config))
-  _, params, model_state = checkpoint.split_model(model)
-  tx = train.make_optimizer(config, params)
-  state = (params, model_state, tx.init(params))
-  shardings = tuple(sharding.tree_shardings(mesh, part) for part in state)
-  params, model_state, opt_state = jax.device_put(state, shardings)
-  train_step = train.make_train_step(model, config, tx, mesh, shardings)
-  params, model_state, opt_state, _ = train_step(params, model_state, opt_state,
-                                                 sharding.to_global(_random_batch(config), mesh))
+  initial, shardings = train_state.create_train_state(config, _fitted_w(config), mesh)
+  expected_initial = _arrays(initial)
+  train_step = train.make_train_step(mesh, shardings)
+  state, _ = train_step(initial, sharding.to_global(_random_batch(config), mesh))
   manager = checkpoint.make_manager(tmp_path)
-  checkpoint.save(manager, 1, params, model_state, opt_state)
+  checkpoint.save(manager, 1, state)
   manager.wait_until_finished()
-  expected = jax.device_get((params, model_state, opt_state))
-  fresh = checkpoint.make_manager(tmp_path)
-  abstract = {name: checkpoint.abstract_with_shardings(tree, mesh)
-              for name, tree in zip(('params', 'model_state', 'opt_state'), expected)}
-  items, step = checkpoint.restore(fresh, abstract)
+  expected = _arrays(state)
+  fresh_state, fresh_shardings = train_state.create_train_state(config, _fitted_w(config), mesh)
+  jax.tree.map(np.testing.assert_array_equal, _arrays(fresh_state), expected_initial)
+  restored, step = checkpoint.restore_train_state(checkpoint.make_manager(tmp_path), fresh_state,
+                                                  fresh_shardings)
   assert step == 1
-  got = jax.device_get((items['params'], items['model_state'], items['opt_state']))
-  jax.tree.map(np.testing.assert_array_equal, got, expected)
-  assert any(np.abs(np.asarray(m)).max() > 0 for m in jax.tree.leaves(got[2]))  # momentum saved
+  jax.tree.map(np.testing.assert_array_equal, _arrays(restored), expected)
+  assert jax.tree.leaves(jax.tree.map(lambda leaf: leaf.sharding, restored)) == jax.tree.leaves(fresh_shardings)
+  assert any(np.abs(np.asarray(m)).max() > 0 for m in jax.tree.leaves(expected['opt_state']))  # momentum saved
 
 
 def _main(workdir, *overrides, check=True, env=None):
