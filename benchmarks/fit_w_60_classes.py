@@ -11,10 +11,11 @@ as in Context, and windows that straddle stuff boundaries make many more mixed w
 pairs than VOC has. The first --maps maps are used (Context train has 4,998).
 
 Reports the accumulation and solver times (wall and CPU), how many class-pair blocks of r*r x r*r
-the moments hold (their memory is what limits N), peak resident memory, and the reconstruction
-error (mean squared distance of a window's one-hot vector to its projection).
+the moments hold and in which integer types (their memory is what limits N), peak resident memory,
+and the reconstruction error (mean squared distance of a window's one-hot vector to its projection).
 """
 import argparse
+import collections
 import json
 import pathlib
 import resource
@@ -73,11 +74,12 @@ def main() -> None:
   fit = reconstruction.solve_moments(moments, args.num_components, solver='randomized')
   solved, solved_cpu = time.time(), time.process_time()
   block_bytes = sum(block.nbytes for block in moments.blocks.values())
+  block_types = collections.Counter(str(block.dtype) for block in moments.blocks.values())
   print(json.dumps({
       'maps': len(ids), 'ratio': args.ratio, 'num_classes': NUM_CLASSES, 'N': moments.size,
       'num_components': args.num_components, 'windows': moments.num_windows,
       'mixed_windows': moments.num_mixed_windows, 'class_pair_blocks': len(moments.blocks),
-      'block_gib': round(block_bytes / 2 ** 30, 2),
+      'block_gib': round(block_bytes / 2 ** 30, 2), 'block_types': dict(sorted(block_types.items())),
       'accumulate_seconds': round(accumulated - started, 1),
       'accumulate_cpu_seconds': round(accumulated_cpu - cpu, 1),
       'solve_seconds': round(solved - accumulated, 1), 'solve_cpu_seconds': round(solved_cpu - accumulated_cpu, 1),

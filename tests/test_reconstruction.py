@@ -72,6 +72,7 @@ def test_second_moment_matches_dense_one_hot_windows(real_maps):
   x = dense_windows([pad(m, 8) for m in real_maps], 8, NUM_CLASSES)
   np.testing.assert_array_equal(moments.dense(), x.T @ x)
   assert moments.num_windows == x.shape[0]
+  assert all(block.dtype == np.uint16 for block in moments.blocks.values())    # 2 bytes per count
   assert moments.num_mixed_windows > 50          # the structured paths were exercised
   probe = np.random.default_rng(0).standard_normal((x.shape[1], 5))
   np.testing.assert_allclose(moments.matmul(probe), x.T @ (x @ probe), rtol=1e-9, atol=1e-9)
@@ -84,6 +85,23 @@ def test_many_classes_per_window_and_void():
   moments = reconstruction.accumulate_moments([labels], ratio=4, num_classes=17, chunk_size=16)
   x = dense_windows(list(labels), 4, 17)
   np.testing.assert_array_equal(moments.dense(), x.T @ x)
+
+
+def test_block_counts_widen_before_they_overflow():
+  """80,000 copies of one mixed window push counts of classes 0 and 1 past uint16 (65,535); class 2
+  shares only 40 random windows with them. The moment stays exact and only the busy blocks widen."""
+  same = np.tile(np.array([[0, 1], [0, 1]], np.uint8), (1, 80_000))
+  rare = np.random.default_rng(0).choice(np.array([0, 1, 2, 255], np.uint8), (2, 80))
+  labels = np.concatenate([same, rare], axis=1)[None]
+  moments = reconstruction.accumulate_moments([labels], ratio=2, num_classes=3)
+  x = dense_windows(list(labels), 2, 3)
+  np.testing.assert_array_equal(moments.dense(), x.T @ x)
+  assert moments.dense().max() > np.iinfo(np.uint16).max
+  assert {pair: block.dtype for pair, block in moments.blocks.items() if 2 in pair} == {
+      pair: np.uint16 for pair in [(0, 2), (1, 2), (2, 2)] if pair in moments.blocks}
+  assert moments.blocks[(0, 1)].dtype == np.uint32
+  probe = np.random.default_rng(1).standard_normal((x.shape[1], 3))
+  np.testing.assert_allclose(moments.matmul(probe), x.T @ (x @ probe), rtol=1e-12)
 
 
 def test_w_equals_numpy_eigh_up_to_sign(real_maps):

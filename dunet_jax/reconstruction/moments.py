@@ -35,9 +35,11 @@ from dunet_jax.reconstruction.windows import classify_windows, cut_windows, loca
 class WindowMoments:
   """The second moment M of all windows, in the structured form the solvers use.
 
-  uniform_counts[c]: windows made only of class c. blocks[(c, d)] (c <= d), float64 (r*r, r*r):
+  uniform_counts[c]: windows made only of class c. blocks[(c, d)] (c <= d), (r*r, r*r):
   B_cd[p, q] = number of mixed windows with class c at pixel p and class d at pixel q, so that
-  M[p*C + c, q*C + d] = B_cd[p, q] + (c == d) * uniform_counts[c].
+  M[p*C + c, q*C + d] = B_cd[p, q] + (c == d) * uniform_counts[c]. Blocks hold exact integer
+  counts in the narrowest unsigned type that can hold them (`count_dtype`): most class pairs
+  share few windows, so most blocks are uint16 (2 MiB at r = 32 instead of 8 MiB as float64).
   """
   ratio: int
   num_classes: int
@@ -53,8 +55,8 @@ class WindowMoments:
   def trace(self) -> float:
     """Sum of M's eigenvalues = number of non-void pixels in all windows."""
     pixels = self.ratio * self.ratio
-    diagonal = sum(np.trace(block) for (c, d), block in self.blocks.items() if c == d)
-    return float(diagonal + pixels * self.uniform_counts.sum())
+    diagonal = sum(int(np.trace(block, dtype=np.int64)) for (c, d), block in self.blocks.items() if c == d)
+    return float(diagonal + pixels * int(self.uniform_counts.sum()))
 
   def dense(self) -> np.ndarray:
     """M as an (N, N) float64 matrix (N*N*8 bytes: only for the exact solver)."""
@@ -72,17 +74,26 @@ class WindowMoments:
     """M @ x for x (N, K), from the blocks and counts (never forms M): two matmuls per block.
 
     Works block by block rather than on rows of blocks put side by side, so that it needs no
-    memory beyond the blocks themselves (at r = 32 with 60 classes each block is 8 MB and there
-    can be over a thousand of them).
+    memory beyond the blocks themselves and one float64 copy of one block (at r = 32 with 60
+    classes there can be over a thousand blocks).
     """
     pixels, num_classes = self.ratio * self.ratio, self.num_classes
     per_class = x.reshape(pixels, num_classes, -1).transpose(1, 0, 2)
     out = np.repeat(self.uniform_counts[:, None, None] * per_class.sum(1, keepdims=True), pixels, axis=1)
-    for (c, d), block in self.blocks.items():
+    for (c, d), counts in self.blocks.items():
+      block = counts.astype(np.float64)
       out[c] += block @ per_class[d]
       if c != d:
         out[d] += block.T @ per_class[c]
     return out.transpose(1, 0, 2).reshape(x.shape)
+
+
+def count_dtype(largest: int) -> np.dtype:
+  """The narrowest unsigned integer type that holds counts up to `largest` (exact, unlike float32)."""
+  for dtype in (np.uint16, np.uint32, np.uint64):
+    if largest <= np.iinfo(dtype).max:
+      return np.dtype(dtype)
+  raise OverflowError(f'A count of {largest} does not fit in 64 bits.')
 
 
 def _piece_size(rows: int, largest: int, multiple: int) -> int:
@@ -92,7 +103,6 @@ def _piece_size(rows: int, largest: int, multiple: int) -> int:
   while size // 4 >= max(rows, 16):
     size //= 4
   return -(-size // multiple) * multiple
-
 
 
 @functools.partial(jax.jit, static_argnames=('num_present', 'has_void'))
@@ -134,6 +144,7 @@ class _MomentAccumulator:
     self.num_windows = 0
     self.num_mixed = 0
     self.blocks: dict[tuple[int, int], np.ndarray] = {}
+    self.pair_windows: dict[tuple[int, int], int] = collections.defaultdict(int)
     self.windows: list[np.ndarray] = []
     self.window_rows = 0
     self.pending: dict[tuple[tuple[int, ...], bool], list[np.ndarray]] = collections.defaultdict(list)
@@ -192,16 +203,24 @@ class _MomentAccumulator:
     classes = group[0]
     for piece in pieces:
       gram = _group_gram(jax.device_put(piece, self.sharding), len(classes), group[1])
-      self._add_gram(classes, np.asarray(jax.device_get(gram), np.float64))
+      self._add_gram(classes, np.asarray(jax.device_get(gram)), piece.shape[0])
 
-  def _add_gram(self, classes: tuple[int, ...], gram: np.ndarray) -> None:
+  def _add_gram(self, classes: tuple[int, ...], gram: np.ndarray, windows: int) -> None:
+    """Adds a Gram of `windows` windows (float32 holding exact integers: chunks are far below 2**24
+    windows) to the class-pair blocks, widening a block's type before its counts could overflow:
+    no entry of B_cd exceeds the number of windows that held both c and d."""
     for a, c in enumerate(classes):
       for b in range(a, len(classes)):
-        block = self.blocks.get((c, classes[b]))
+        pair = (c, classes[b])
+        self.pair_windows[pair] += windows
+        dtype = count_dtype(self.pair_windows[pair])
+        block = self.blocks.get(pair)
         if block is None:
-          self.blocks[(c, classes[b])] = gram[a, :, b, :].copy()
-        else:
-          block += gram[a, :, b, :]
+          self.blocks[pair] = gram[a, :, b, :].astype(dtype)
+          continue
+        if block.dtype != dtype:
+          block = self.blocks[pair] = block.astype(dtype)
+        block += gram[a, :, b, :].astype(dtype)
 
   def finish(self) -> WindowMoments:
     if self.window_rows:
@@ -222,20 +241,24 @@ def _allgather_counts(counts: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(counts.astype(np.int32))).astype(np.int64)
 
 
-def _sum_over_processes(moments: WindowMoments) -> WindowMoments:
-  """Adds every process's counts and blocks (the union of the pairs each process saw)."""
+def _sum_over_processes(moments: WindowMoments, pairs_per_gather: int = 16) -> WindowMoments:
+  """Adds every process's counts and blocks (the union of the pairs each process saw), a few
+  blocks per collective so that the gathered copies stay small."""
   num_classes, pixels = moments.num_classes, moments.ratio ** 2
   seen = np.zeros((num_classes, num_classes), np.int32)
   for pair in moments.blocks:
     seen[pair] = 1
   seen = np.asarray(multihost_utils.process_allgather(seen)).sum(0) > 0
-  pairs = [tuple(pair) for pair in np.argwhere(seen)]
-  stacked = np.stack([moments.blocks.get(pair, np.zeros((pixels, pixels))) for pair in pairs])
+  pairs = [tuple(int(c) for c in pair) for pair in np.argwhere(seen)]
+  blocks = {}
+  for start in range(0, len(pairs), pairs_per_gather):
+    group = pairs[start:start + pairs_per_gather]
+    stacked = np.stack([moments.blocks.get(pair, np.zeros((pixels, pixels), np.uint16)) for pair in group])
+    for pair, block in zip(group, _allgather_counts(stacked).sum(0)):
+      blocks[pair] = block.astype(count_dtype(int(block.max())))
   scalars = np.concatenate([moments.uniform_counts, [moments.num_windows, moments.num_mixed_windows]])
-  stacked = _allgather_counts(stacked).sum(0)
   scalars = _allgather_counts(scalars).sum(0)
-  return WindowMoments(moments.ratio, num_classes, scalars[:num_classes].astype(np.int64),
-                       {pair: block.astype(np.float64) for pair, block in zip(pairs, stacked)},
+  return WindowMoments(moments.ratio, num_classes, scalars[:num_classes].astype(np.int64), blocks,
                        int(scalars[num_classes]), int(scalars[num_classes + 1]))
 
 
