@@ -5,6 +5,7 @@ dataset is built on first use, and a missing download fails early with one messa
 to put where. Nothing is ever downloaded.
 """
 import importlib
+import os
 import pathlib
 
 import ml_collections
@@ -12,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dunet_jax.data import palette, synthetic
+from dunet_jax.data import palette, synthetic, voc_geometry
 
 BUILDER_MODULES = {
     'voc_segmentation': 'dunet_jax.data.voc',
@@ -104,6 +105,13 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
       synthetic.generate(path, *settings)
       mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
     elif _synthetic_is_stale(builder, data_config):
+      mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
+  elif data_config.get('geometry_labels_dir'):  # keys only configs/voc_geometry.py sets
+    path = manual_dir(data_config)
+    settings = dict(maps=data_config.geometry_maps, seed=data_config.geometry_seed)
+    if not voc_geometry.is_generated(path, **settings):
+      voc_geometry.generate(data_config.geometry_labels_dir, path,
+                            workers=len(os.sched_getaffinity(0)), **settings)
       mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
   elif builder.is_prepared():
     path = manual_dir(data_config)

@@ -34,6 +34,7 @@ COLOUR_FAMILIES = (('disk', 'tee'), ('square', 'crescent'), ('triangle', 'bar'),
                    ('hourglass', 'horseshoe'), ('arrow', 'frame'), ('dumbbell', 'ring'))
 HUE_JITTER = 0.015                 # standard deviation of an object's hue around its family's
 BACKGROUND_GREYING = 0.6           # backgrounds are less saturated than objects (but share their hues)
+TEXTURES = ('solid', 'stripes', 'checks', 'dots', 'gradient')
 MARKER_FILE = 'synthetic.json'     # written last: its presence means the tree is complete
 GENERATOR_VERSION = 3              # bump when scenes change, so that old trees are regenerated
 
@@ -102,7 +103,7 @@ FAMILY_OF_CLASS = {CLASS_NAMES.index(name): family
 assert sorted(FAMILY_OF_CLASS) == list(range(1, NUM_CLASSES)), 'every class needs one colour family'
 
 
-def _random_colour(rng: np.random.Generator, family: int | None = None) -> np.ndarray:
+def random_colour(rng: np.random.Generator, family: int | None = None) -> np.ndarray:
   """RGB in 0..255; a colour family fixes the hue range, None draws any hue."""
   if family is None:
     hue, saturation, value = rng.random(), rng.uniform(0.15, 1.0), rng.uniform(0.25, 1.0)
@@ -112,10 +113,11 @@ def _random_colour(rng: np.random.Generator, family: int | None = None) -> np.nd
   return 255 * np.array(colorsys.hsv_to_rgb(hue, saturation, value), dtype=np.float32)
 
 
-def _texture(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, first: np.ndarray,
-             second: np.ndarray) -> np.ndarray:
-  """A (h, w, 3) fill mixing two colours: solid, stripes, checks, dots or a gradient."""
-  kind = rng.integers(5)
+def texture(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, first: np.ndarray,
+            second: np.ndarray, kind: str | None = None) -> np.ndarray:
+  """A (h, w, 3) fill mixing two colours: one of TEXTURES, drawn at random unless `kind` names it."""
+  drawn = rng.integers(len(TEXTURES))
+  kind = TEXTURES.index(kind) if kind is not None else drawn
   period = rng.uniform(4, 11)
   angle = rng.uniform(0, np.pi)
   along = x * np.cos(angle) + y * np.sin(angle)
@@ -134,20 +136,20 @@ def _texture(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, first: np.n
   return (1 - mix) * first + mix * second
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
   """Smooth colour field, an optional faint texture, then small clutter (dots and thin lines)."""
   grid = rng.uniform(0, 255, size=(rng.integers(2, 6), rng.integers(2, 6), 3)).astype(np.uint8)
   field = np.asarray(Image.fromarray(grid).resize((width, height), Image.BILINEAR), np.float32)
   field = (1 - BACKGROUND_GREYING) * field + BACKGROUND_GREYING * field.mean(axis=-1, keepdims=True)
   if rng.random() < 0.6:
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    pattern = _texture(rng, x, y, _random_colour(rng), _random_colour(rng))
+    pattern = texture(rng, x, y, random_colour(rng), random_colour(rng))
     alpha = rng.uniform(0.15, 0.4)
     field = (1 - alpha) * field + alpha * pattern
   canvas = Image.fromarray(field.clip(0, 255).astype(np.uint8))
   draw = ImageDraw.Draw(canvas)
   for _ in range(rng.integers(4, 13)):
-    colour = tuple(int(c) for c in _random_colour(rng))
+    colour = tuple(int(c) for c in random_colour(rng))
     cx, cy = rng.uniform(0, width), rng.uniform(0, height)
     if rng.random() < 0.5:
       radius = rng.uniform(1.5, 4.0)
@@ -182,7 +184,7 @@ def _void_band(instances: np.ndarray, width: int) -> np.ndarray:
 def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """One image (H, W, 3) uint8 and its label (H, W) uint8 with a void band at instance edges."""
   height, width = (int(s) for s in rng.choice(np.arange(MIN_SIDE, MAX_SIDE + 1), 2, replace=False))
-  image = _background(rng, height, width)
+  image = background(rng, height, width)
   label = np.zeros((height, width), np.uint8)
   instances = np.zeros((height, width), np.int32)
   num_objects = rng.choice([1, 2, 3, 4], p=[0.25, 0.35, 0.25, 0.15])
@@ -200,7 +202,7 @@ def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     v = (-(x - cx) * sin + (y - cy) * cos) / half_v
     mask = SHAPES[CLASS_NAMES[class_id]](u, v)
     family = FAMILY_OF_CLASS[class_id]
-    fill = _texture(rng, x, y, _random_colour(rng, family), _random_colour(rng, family))
+    fill = texture(rng, x, y, random_colour(rng, family), random_colour(rng, family))
     image[top:bottom, left:right][mask] = fill[mask]
     label[top:bottom, left:right][mask] = class_id
     instances[top:bottom, left:right][mask] = instance
