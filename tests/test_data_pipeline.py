@@ -5,16 +5,18 @@ trees whose images and labels are chosen so that the pipeline's output can be ch
 numpy references: iid random labels pin down the exact nearest-neighbour window, and images
 coloured by their label block show that image and label stay aligned through scale/crop/flip.
 """
+import os
 import pathlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import synthetic as synthetic_config
 from dunet_jax import metrics
-from dunet_jax.data import datasets, pipeline
+from dunet_jax.data import datasets, pipeline, shared_split
 
 PAD_PIXEL = (124, 116, 104)
 
@@ -296,36 +298,66 @@ def _png(label: np.ndarray) -> bytes:
   return tf.io.encode_png(label[..., None]).numpy()
 
 
-def test_training_labels_are_decoded_once_transposed_and_relabelled(monkeypatch):
-  """train_batches decodes every label when it starts, applying the config's lookup once."""
+def _examples(images: list[bytes], labels: list[bytes]) -> tf.data.Dataset:
+  ids = [chr(ord('a') + i) for i in range(len(images))]
+  return tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels, 'id': ids})
+
+
+def test_training_labels_are_decoded_once_transposed_and_relabelled(tmp_path):
+  """The shared copy holds every label decoded once with the config's lookup, and the JPEG bytes."""
   from configs import context
-  monkeypatch.setattr(pipeline, '_LABEL_DECODING_BATCH', 2)  # several batches, padded
   rng = np.random.default_rng(0)
   stored = [rng.integers(0, 60, size, dtype=np.uint8) for size in [(3, 5), (4, 2), (6, 6)]]
   stored[0][0, 0] = 255
+  jpegs = [_jpeg(*label.shape) for label in stored]
   data = context.get_config().data
   data.context_classes = 59  # the option that relabels (background -> 255)
-  records = pipeline.decoded_labels(
-      tf.constant([_jpeg(*label.shape) for label in stored]),
-      tf.constant([_png(label) for label in stored]), tf.constant(['a', 'b', 'c']),
-      pipeline._label_decoder(data), where='split train', num_threads=1)
+  shared_split.write(_examples(jpegs, [_png(label) for label in stored]),
+                     pipeline._label_decoder(data), tmp_path / 'copy', where='split train',
+                     num_threads=1)
+  copy = shared_split.read(tmp_path / 'copy')
+  records = pipeline.training_set(copy)
   np.testing.assert_array_equal(records.sizes.numpy(), [label.shape for label in stored])
   assert records.labels.shape == (sum(label.size for label in stored),)
+  assert list(copy.ids) == ['a', 'b', 'c']
   lookup = datasets.label_lookup(data)
   for i, label in enumerate(stored):
     columns = records.label_columns(tf.constant(i), records.sizes[i])
     np.testing.assert_array_equal(columns.numpy(), lookup[label].T)
+    assert records.image_bytes(tf.constant(i)).numpy() == jpegs[i]
   assert lookup[255] == 255 and lookup[0] == 255 and lookup[59] == 58
 
 
-def test_an_undecodable_or_mis_sized_training_example_stops_the_start_with_its_id(monkeypatch):
-  monkeypatch.setattr(pipeline, '_LABEL_DECODING_BATCH', 2)
+def test_labels_past_two_to_the_31_pixels_are_read_in_place(tmp_path):
+  """VOC train_aug has ~2.0e9 label pixels; offsets are int64 and the file is mapped, not read."""
+  import resource
+  first = (46341, 46341)  # 2,147,488,281 pixels: the second label starts past 2^31
+  second = np.arange(15, dtype=np.uint8).reshape(3, 5)
+  directory = tmp_path / 'copy'
+  (directory / shared_split.IMAGES_FOLDER).mkdir(parents=True)
+  start = first[0] * first[1]
+  assert start > 2**31
+  with open(directory / shared_split.LABELS_FILE, 'wb') as labels:  # sparse: no disk, no memory
+    labels.truncate(start)
+    labels.seek(start)
+    labels.write(second.T.tobytes())
+  np.savez(directory / shared_split.INDEX_FILE, label_starts=np.array([0, start, start + 15]),
+           sizes=np.array([first, second.shape], np.int32), ids=np.array(['big', 'small']))
+  records = pipeline.training_set(shared_split.read(directory))
+  assert records.labels.shape == (start + 15,)
+  np.testing.assert_array_equal(records.label_columns(tf.constant(1), records.sizes[1]).numpy(),
+                                second.T)
+  peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  assert peak_gib < 1.9, f'{peak_gib:.1f} GiB: the label file was copied instead of mapped'
+
+
+def test_an_undecodable_or_mis_sized_training_example_stops_the_start_with_its_id(tmp_path):
   decode = pipeline._label_decoder(synthetic_config.get_config('test').data)
   png = _png(np.zeros((4, 6), np.uint8))
 
   def start(images, labels):
-    pipeline.decoded_labels(tf.constant(images), tf.constant(labels), tf.constant(['a', 'b', 'c']),
-                            decode, where="split 'train'")
+    shared_split.write(_examples(images, labels), decode, tmp_path / str(len(list(tmp_path.iterdir()))),
+                       where="split 'train'")
 
   with pytest.raises(ValueError, match=r"'c' of split 'train': its label PNG cannot be decoded"):
     start([_jpeg(4, 6)] * 3, [png, png, png[:len(png) // 2]])
@@ -333,6 +365,98 @@ def test_an_undecodable_or_mis_sized_training_example_stops_the_start_with_its_i
     start([_jpeg(4, 6), _jpeg(6, 4), _jpeg(4, 6)], [png] * 3)
   with pytest.raises(ValueError, match=r"'a' of split 'train': its JPEG header cannot be decoded"):
     start([b'not a JPEG', _jpeg(4, 6), _jpeg(4, 6)], [png] * 3)
+
+
+def _reference_batches(builder, data_config, *, split: str, global_batch_size: int, seed: int,
+                       steps: int) -> list[dict[str, np.ndarray]]:
+  """Batches 0..steps-1 built as the pipeline did before the shared copy: JPEG bytes and decoded,
+  transposed labels read from TFDS into memory and indexed there (one process, eagerly)."""
+  decode = pipeline._label_decoder(data_config)
+  skip = {'image': tfds.decode.SkipDecoding(), 'label': tfds.decode.SkipDecoding()}
+  examples = list(builder.as_dataset(split=split, shuffle_files=False, decoders=skip))
+  jpegs = [example['image'] for example in examples]
+  columns = [tf.transpose(decode(example['label'])) for example in examples]
+  augment = pipeline._train_augmentation(data_config)
+  base_key = tf.constant([seed, 0], tf.int64)
+  permutation_stream, augmentation_stream = (
+      tf.random.experimental.stateless_fold_in(base_key, tf.constant(stream, tf.int64))[0]
+      for stream in (0, 1))
+  batches = []
+  for step in range(steps):
+    crops = []
+    for position in range(step * global_batch_size, (step + 1) * global_batch_size):
+      epoch, offset = divmod(position, len(examples))
+      index = int(tf.random.experimental.index_shuffle(
+          tf.constant(offset, tf.int64), tf.stack([permutation_stream, tf.constant(epoch, tf.int64)]),
+          len(examples) - 1))
+      size = tf.shape(columns[index])[::-1]
+      crops.append(augment(jpegs[index], columns[index], size,
+                           tf.stack([augmentation_stream, tf.constant(position, tf.int64)])))
+    batches.append({key: np.stack([crop[key].numpy() for crop in crops]) for key in ('image', 'label')})
+  return batches
+
+
+def _label_mapping(pid: int) -> dict:
+  """The mapping of the shared labels file in /proc/<pid>/smaps: path, device, inode and page counts."""
+  found = None
+  for line in pathlib.Path(f'/proc/{pid}/smaps').read_text().splitlines():
+    fields = line.split()
+    if '-' in fields[0] and len(fields) >= 5 and ':' in fields[3]:  # a mapping's header line
+      path = fields[5] if len(fields) > 5 else ''
+      found = ({'path': path, 'device': fields[3], 'inode': fields[4]}
+               if path.endswith(shared_split.LABELS_FILE) else None)
+      if found:
+        mapping = found
+    elif found is not None and fields[0].endswith(':') and fields[-1] == 'kB':
+      found[fields[0][:-1]] = int(fields[1])
+  return mapping
+
+
+def test_processes_on_one_host_share_one_decoded_copy_and_batches_are_unchanged(synthetic, tmp_path):
+  """Two processes started together: one builds the copy, both map the same labels file (its pages
+  shared, none copied), and their rows are the single-process batches, which equal the in-memory
+  reference's byte for byte."""
+  import shutil
+  import subprocess
+  import sys
+  builder, config = synthetic
+  shutil.rmtree(pathlib.Path(builder.data_dir) / 'decoded', ignore_errors=True)
+  steps = 6  # two epochs of the 12 examples
+  repo_root = pathlib.Path(__file__).resolve().parents[1]
+  processes = [subprocess.Popen(
+      [sys.executable, str(repo_root / 'tests' / 'shared_split_process.py'), config.manual_dir,
+       config.tfds_data_dir, str(index), '2', str(steps), str(tmp_path / f'{index}.npz')],
+      env={**os.environ, 'PYTHONPATH': str(repo_root)}, stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+  try:
+    for process in processes:
+      output = []
+      while not output or output[-1].strip() != 'ready':
+        output.append(process.stdout.readline())
+        assert output[-1] or process.poll() is None, ''.join(output)[-3000:]
+    mappings = [_label_mapping(process.pid) for process in processes]
+  finally:
+    for process in processes:
+      process.stdin.close()
+      process.wait(timeout=60)
+  assert mappings[0]['path'] == mappings[1]['path']
+  assert (mappings[0]['device'], mappings[0]['inode']) == (mappings[1]['device'], mappings[1]['inode'])
+  for mapping in mappings:
+    shared = mapping['Shared_Clean'] + mapping['Shared_Dirty']  # page-cache pages (dirty: not yet on disk)
+    assert mapping['Rss'] > 0 and shared == mapping['Rss'], mappings  # every mapped page in both
+    assert mapping['Private_Dirty'] == mapping['Anonymous'] == 0, mappings  # never copied
+  copies = sorted(path.name for path in (pathlib.Path(builder.data_dir) / 'decoded').iterdir())
+  assert [name for name in copies if not name.endswith('.lock')] == [pathlib.Path(mappings[0]['path']).parent.name]
+
+  single = _take(pipeline.train_batches(builder, config, split='train', global_batch_size=4,
+                                        seed=7), steps)
+  shares = [np.load(tmp_path / f'{index}.npz') for index in range(2)]
+  reference = _reference_batches(builder, config, split='train', global_batch_size=4, seed=7,
+                                 steps=steps)
+  for step in range(steps):
+    for key in ('image', 'label'):
+      rows = np.concatenate([shares[0][key][step], shares[1][key][step]])
+      assert rows.tobytes() == single[step][key].tobytes() == reference[step][key].tobytes()
 
 
 def test_context_59_class_labels_ignore_background():

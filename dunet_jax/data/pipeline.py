@@ -1,22 +1,20 @@
 """tf.data input pipelines: augmented training crops with exact resume, and whole images for eval.
 
-Training reads a split's *encoded* images (JPEG bytes) into memory once and then indexes them at
-random: the example at global position p = step * global_batch_size + k is
+Training indexes a split's *encoded* images (JPEG bytes) at random: the example at global position p = step * global_batch_size + k is
 `permutation_{seed, epoch}(p mod N)`, and its augmentation is drawn from stateless random ops
 seeded by (seed, p). A batch is therefore a pure function of (seed, step): independent of where a
 run started, of how many processes share it and of tf.data's parallelism, and resuming at step s
 decodes no image before s. Each process takes a disjoint slice of every global batch, so one epoch
-covers every example exactly once over all processes. Random access stays a `tf.gather`, with no
-file format requirement on the TFDS builder.
+covers every example exactly once over all processes. Random access needs no file format of the
+TFDS builder.
 
-Labels are decoded once, when `train_batches` starts, and kept *decoded* in memory, each
-transposed, in one uint8 buffer: a draw then decodes no PNG. Starting costs about 1.7 ms of CPU per
-label, the PNG decoding spread over tf.data's threads (1.9 ms per label of wall time measured on a
-busy 2-core machine, so about 20 s for VOC train_aug there). Memory, per process: the encoded
-images (their size on disk, about 1.1 GB for VOC train_aug) plus one byte per label pixel (about
-2 GB for VOC train_aug's 10,582 labels of about 500x375, about 0.9 GB for PASCAL Context's 4,998);
-building the buffer needs no second copy of it. An undecodable label, or one whose size differs
-from its image's, stops the start with the example's id.
+The training split is read from its decoded copy on the host (see `shared_split`): every label
+decoded once, transposed, in one memory-mapped uint8 file handed to TensorFlow without a copy, and
+each JPEG's bytes in a file of its own read per example, so a draw decodes no PNG and all the
+processes of a host share one copy of both through the page cache. The first process to need the
+split builds the copy (about 1.7 ms of CPU per label, spread over tf.data's threads); later starts
+map it in milliseconds. An undecodable label, or one whose size differs from its image's, stops the
+build with the example's id.
 
 Augmentation only resizes what the crop shows: the crop window is located in the original image's
 coordinates (see `crop_window`), only those JPEG rows and columns are decoded
@@ -26,7 +24,6 @@ tf.image.resize on the same window, so image and label stay aligned.
 """
 from collections.abc import Iterator
 import math
-import re
 from typing import NamedTuple
 
 import ml_collections
@@ -34,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dunet_jax.data import IGNORE_LABEL, datasets
+from dunet_jax.data import IGNORE_LABEL, datasets, shared_split
 
 tf.config.set_visible_devices([], 'GPU')
 
@@ -44,8 +41,6 @@ _PERMUTATION_STREAM = 0
 _AUGMENTATION_STREAM = 1
 # Per example: scale, row start, column start, flip, and four photometric factors.
 _NUM_RANDOM_VALUES = 8
-# Labels decoded per tf.data batch when the training split is loaded (padded to the largest).
-_LABEL_DECODING_BATCH = 64
 
 
 def train_batches(builder: tfds.core.DatasetBuilder, data_config: ml_collections.ConfigDict, *,
@@ -59,8 +54,9 @@ def train_batches(builder: tfds.core.DatasetBuilder, data_config: ml_collections
   of every global batch. `num_threads` caps tf.data's thread pool (None: all cores).
   """
   local_batch_size = _local_batch_size(global_batch_size, process_count, 'train.batch_size')
-  records = _training_set(builder, split, _label_decoder(data_config), num_threads)
-  num_examples = records.images.shape[0]
+  records = training_set(shared_split.open_split(builder, split, _label_decoder(data_config),
+                                                 num_threads=num_threads))
+  num_examples = records.sizes.shape[0]
   augment = _train_augmentation(data_config)
 
   # Seeds are pairs (stream, epoch) and (stream, position); stateless ops hash them into keys.
@@ -75,7 +71,7 @@ def train_batches(builder: tfds.core.DatasetBuilder, data_config: ml_collections
     index = tf.random.experimental.index_shuffle(offset, tf.stack([permutation_stream, epoch]),
                                                  num_examples - 1)
     size = tf.gather(records.sizes, index)
-    return augment(tf.gather(records.images, index), records.label_columns(index, size), size,
+    return augment(records.image_bytes(index), records.label_columns(index, size), size,
                    tf.stack([augmentation_stream, position]))
 
   dataset = tf.data.Dataset.counter(start_step * local_batch_size, dtype=tf.int64)
@@ -155,27 +151,21 @@ def _checked_eval_batches(batches: Iterator[dict[str, np.ndarray]],
 _SKIP_DECODING = {'image': tfds.decode.SkipDecoding(), 'label': tfds.decode.SkipDecoding()}
 
 
-def _encoded_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, tf.Tensor]:
-  """The split's JPEG bytes, PNG bytes and ids as three string tensors, in the split's order."""
-  num_examples = builder.info.splits[split].num_examples
-  if num_examples == 0:
-    raise ValueError(f'split {split!r} of {builder.name} is empty: check data.train_split.')
-  dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=_SKIP_DECODING,
-                               read_config=tfds.ReadConfig(try_autocache=False))
-  dataset = dataset.map(lambda features: {key: features[key] for key in ('image', 'label', 'id')})
-  return dataset.batch(num_examples).get_single_element()
-
-
 class TrainingSet(NamedTuple):
-  """A training split in memory: example i's JPEG bytes, and its decoded label, transposed.
+  """A training split as tensors over its shared decoded copy (nothing is copied into memory).
 
   Example i's label is the (width, height) uint8 array
-  labels[label_starts[i]:label_starts[i] + height * width], with [height, width] = sizes[i].
+  labels[label_starts[i]:label_starts[i] + height * width], with [height, width] = sizes[i];
+  its JPEG bytes are the file image_files[i].
   """
-  images: tf.Tensor        # (N,) string: JPEG bytes
+  image_files: tf.Tensor   # (N,) string
   labels: tf.Tensor        # (sum of label pixels,) uint8: every label, transposed, one after another
   label_starts: tf.Tensor  # (N,) int64
   sizes: tf.Tensor         # (N, 2) int32: [height, width] of image and label
+
+  def image_bytes(self, index: tf.Tensor) -> tf.Tensor:
+    """Example `index`'s JPEG bytes (a scalar string)."""
+    return tf.io.read_file(tf.gather(self.image_files, index))
 
   def label_columns(self, index: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     """Example `index`'s label, transposed: (width, height) uint8; size = sizes[index]."""
@@ -184,82 +174,12 @@ class TrainingSet(NamedTuple):
     return tf.reshape(tf.slice(self.labels, start, length), tf.stack([size[1], size[0]]))
 
 
-def _training_set(builder: tfds.core.DatasetBuilder, split: str, decode_label,
-                  num_threads: int | None) -> TrainingSet:
-  records = _encoded_split(builder, split)
-  return decoded_labels(records['image'], records['label'], records['id'], decode_label,
-                        where=f'split {split!r} of {builder.name}', num_threads=num_threads)
-
-
-def decoded_labels(images: tf.Tensor, labels: tf.Tensor, ids: tf.Tensor, decode_label, *,
-                   where: str, num_threads: int | None = None) -> TrainingSet:
-  """Decodes every label once (tf.data) into one buffer; sizes from the JPEG headers.
-
-  The buffer is a numpy array, filled a batch of labels at a time and handed to TensorFlow without
-  a copy (DLPack): the peak memory is the buffer plus a few batches in flight. `where` names the
-  split in errors; `num_threads` caps tf.data's thread pool (None: all cores).
-  """
-  num_examples = int(images.shape[0])
-  examples = _with_threads(tf.data.Dataset.from_tensor_slices((images, labels)), num_threads)
-
-  def named_failure(error, what: str, decode, candidates) -> Exception:
-    """The first candidate example that `decode` fails on, named; else the original error."""
-    for i in candidates:
-      try:
-        decode(images[i], labels[i])
-      except tf.errors.InvalidArgumentError as example_error:
-        return ValueError(
-            f'training example {ids[i].numpy().decode()!r} of {where}: its {what} cannot be '
-            f'decoded ({_op_error_text(example_error)}). Rebuild the dataset (the builder checks '
-            'every file) or remove the file.')
-    return error
-
-  def image_size(jpeg, _):
-    return tf.io.extract_jpeg_shape(jpeg)[:2]
-
-  try:
-    sizes = examples.map(image_size, num_parallel_calls=AUTOTUNE).batch(num_examples)
-    sizes = sizes.get_single_element().numpy()
-  except tf.errors.InvalidArgumentError as error:
-    raise named_failure(error, 'JPEG header', image_size, range(num_examples)) from error
-
-  def label_columns(_, png):
-    label = decode_label(png)
-    return tf.transpose(label), tf.shape(label)
-
-  label_starts = np.concatenate([[0], np.cumsum(np.prod(sizes, axis=1, dtype=np.int64))])
-  buffer = _aligned_empty(int(label_starts[-1]))
-  batches = examples.map(label_columns, num_parallel_calls=AUTOTUNE)
-  batches = batches.padded_batch(_LABEL_DECODING_BATCH).prefetch(1).as_numpy_iterator()
-  for first in range(0, num_examples, _LABEL_DECODING_BATCH):
-    try:
-      columns, shapes = next(batches)
-    except tf.errors.InvalidArgumentError as error:
-      candidates = range(first, min(first + _LABEL_DECODING_BATCH, num_examples))
-      raise named_failure(error, 'label PNG', label_columns, candidates) from error
-    for i, (height, width) in enumerate(shapes, first):
-      if (height, width) != tuple(sizes[i]):
-        raise ValueError(f'training example {ids[i].numpy().decode()!r} of {where}: its label is '
-                         f'{height}x{width} but its image {sizes[i][0]}x{sizes[i][1]} (HxW). '
-                         'Rebuild the dataset (the builder checks sizes).')
-      label = buffer[label_starts[i]:label_starts[i + 1]].reshape(width, height)
-      label[...] = columns[i - first, :width, :height]
-  return TrainingSet(images, tf.experimental.dlpack.from_dlpack(buffer.__dlpack__()),
-                     tf.constant(label_starts[:-1], tf.int64), tf.constant(sizes, tf.int32))
-
-
-def _op_error_text(error: tf.errors.OpError) -> str:
-  """The op's own words: without TensorFlow's function-node prefix and op suffix."""
-  text = re.sub(r'\{\{function_node [^}]*\}\}', '', error.message.strip().splitlines()[0])
-  return re.sub(r'\s*\[Op:.*$', '', text).strip()
-
-
-def _aligned_empty(size: int) -> np.ndarray:
-  """An uninitialised uint8 array whose data TensorFlow can use in place (64-byte aligned)."""
-  alignment = 64
-  raw = np.empty(size + alignment, np.uint8)
-  start = -raw.ctypes.data % alignment
-  return raw[start:start + size]
+def training_set(split: shared_split.SharedSplit) -> TrainingSet:
+  """Tensors over a shared split; the label tensor is the memory map itself (DLPack, no copy)."""
+  return TrainingSet(
+      tf.constant([split.image_path(i) for i in range(len(split.sizes))]),
+      tf.experimental.dlpack.from_dlpack(split.labels.__dlpack__()),
+      tf.constant(split.label_starts[:-1], tf.int64), tf.constant(split.sizes, tf.int32))
 
 
 def _label_decoder(data_config: ml_collections.ConfigDict):
@@ -282,7 +202,7 @@ def _train_augmentation(data_config: ml_collections.ConfigDict):
   """(jpeg bytes, transposed label, [height, width], key) -> {'image', 'label'}.
 
   Random scale, pad, crop, flip and (optionally) photometric distortion. The label is the decoded
-  (width, height) uint8 array that `decoded_labels` stores.
+  (width, height) uint8 array that `TrainingSet.label_columns` returns.
   """
   crop = int(data_config.crop_size)
   min_scale, max_scale = float(data_config.min_scale), float(data_config.max_scale)
