@@ -9,7 +9,7 @@ processes, and start-up without reading the split again):
 
   labels.u8        every label decoded and transposed, one after another: one byte per pixel,
                    memory-mapped by each process and handed to TensorFlow without a copy
-                   (offsets are int64: VOC train_aug's 2.0 billion pixels are close to 2^31)
+                   (offsets are int64: VOC train_aug's 1.9 billion pixels are 0.88 x 2^31)
   images/<i>.jpg   example i's JPEG bytes as stored, read per example with tf.io.read_file
   index.npz        label_starts (N + 1,) int64, sizes (N, 2) int32 [height, width], ids (N,)
   source.json      what it was built from (written last; a different source is rebuilt)
