@@ -176,7 +176,7 @@ def test_auto_solver_is_exact_for_voc_up_to_r16():
 def test_subspace_iteration_matches_numpy_eigh():
   """A PSD matrix with a spectrum like M's (fast decay, then a flat tail) and a clear gap at k."""
   rng = np.random.default_rng(0)
-  size, count = 400, 12
+  size, count = 200, 8
   basis = np.linalg.qr(rng.standard_normal((size, size)))[0]
   spectrum = np.concatenate([1000.0 * 0.6 ** np.arange(count), 1e-2 * rng.uniform(0.5, 1.0, size - count)])
   matrix = (basis * spectrum) @ basis.T
