@@ -21,6 +21,19 @@ PEAK_BF16_FLOPS: dict[str, float] = {
   'H200': 989e12,  # SXM; same tensor cores as the H100
 }
 
+# HBM per chip, bytes: Cloud TPU system architecture pages (v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e
+# 32 GiB) and NVIDIA datasheets (A100 80 GB, H100 80 GB, H200 141 GB).
+HBM_BYTES: dict[str, float] = {
+  'TPU v4': 32 * 2**30,
+  'TPU v5e': 16 * 2**30,
+  'TPU v5p': 95 * 2**30,
+  'TPU v6e': 32 * 2**30,
+  'A100': 80e9,
+  'H100 PCIe': 80e9,
+  'H100': 80e9,
+  'H200': 141e9,
+}
+
 # (substrings that must all occur in the lower-cased device_kind, table key), most specific first:
 # jax names v5e 'TPU v5 lite' and v6e 'TPU v6 lite', and v5p plain 'TPU v5'.
 _DEVICE_KIND_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -37,13 +50,25 @@ _DEVICE_KIND_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
-def peak_flops_for_device_kind(device_kind: str) -> float | None:
-  """Peak dense bf16 FLOP/s of one chip named `device_kind` (jax's spelling), None if unknown (CPUs)."""
+def chip_name(device_kind: str) -> str | None:
+  """The tables' key for a chip named `device_kind` (jax's spelling), None if unknown (CPUs)."""
   kind = device_kind.lower()
   for substrings, key in _DEVICE_KIND_PATTERNS:
     if all(s in kind for s in substrings):
-      return PEAK_BF16_FLOPS[key]
+      return key
   return None
+
+
+def peak_flops_for_device_kind(device_kind: str) -> float | None:
+  """Peak dense bf16 FLOP/s of one chip named `device_kind` (jax's spelling), None if unknown (CPUs)."""
+  name = chip_name(device_kind)
+  return PEAK_BF16_FLOPS[name] if name else None
+
+
+def hbm_bytes_for_device_kind(device_kind: str) -> float | None:
+  """HBM bytes of one chip named `device_kind`, None if unknown."""
+  name = chip_name(device_kind)
+  return HBM_BYTES[name] if name else None
 
 
 def resolve_peak_flops(configured: float, device: jax.Device | None = None) -> float | None:

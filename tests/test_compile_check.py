@@ -1,0 +1,122 @@
+"""compile_check: the real train and eval steps compiled for a Cloud TPU topology without a TPU.
+
+Needs libtpu (requirements-tpu-check.txt); skipped when it is not installed. The tiny synthetic
+config compiles for v5e-4 (a 2x2 slice) in about half a minute of CPU time.
+"""
+import importlib.util
+
+import jax
+import pytest
+from flax import nnx
+
+from configs import synthetic
+from dunet_jax import compile_check, sharding, throughput
+from dunet_jax.models import dunet
+
+GIB = 1 << 30
+
+
+def _config(batch_size: int = 8):
+  config = synthetic.get_config('test')
+  config.train.batch_size = batch_size
+  return config
+
+
+@pytest.fixture(scope='module')
+def steps():
+  if importlib.util.find_spec('libtpu') is None:
+    pytest.skip('libtpu is not installed (pip install -r requirements-tpu-check.txt): compile_check '
+                'needs the TPU compiler')
+  return compile_check.compile_steps(_config(), compile_check.parse_slice('v5e-4'))
+
+
+@pytest.mark.parametrize('name, generation, chips, grid, hosts', [
+    ('v5e-4', 'v5e', 4, (2, 2), 1), ('v5e-16', 'v5e', 16, (4, 4), 4), ('v6e-8', 'v6e', 8, (2, 4), 1),
+    ('v4-8', 'v4', 4, (2, 2, 1), 1), ('v4-32', 'v4', 16, (2, 2, 4), 4), ('v5p-8', 'v5p', 4, (2, 2, 1), 1),
+    ('v5e:4x8', 'v5e', 32, (4, 8), 8)])
+def test_slice_names_count_chips_as_cloud_tpu_does(name, generation, chips, grid, hosts):
+  """v4-N and v5p-N count TensorCores (two per chip), v5e-N and v6e-N count chips; Cloud TPU's grids."""
+  tpu_slice = compile_check.parse_slice(name)
+  assert (tpu_slice.generation, tpu_slice.chips, tpu_slice.grid) == (generation, chips, grid)
+  if importlib.util.find_spec('libtpu') is not None:
+    devices = compile_check.topology_devices(tpu_slice)
+    assert len(devices) == chips
+    assert len({device.process_index for device in devices}) == hosts
+    assert throughput.peak_flops_for_device_kind(devices[0].device_kind) == throughput.PEAK_BF16_FLOPS[
+        {'v4': 'TPU v4', 'v5e': 'TPU v5e', 'v5p': 'TPU v5p', 'v6e': 'TPU v6e'}[generation]]
+
+
+def test_batch_smaller_than_the_chip_count_is_refused_naming_the_key():
+  config = _config(batch_size=8)
+  with pytest.raises(ValueError, match=r'config.train.batch_size=8 .* 16 chips of v5e-16: pass '
+                                       r'--config.train.batch_size=16 or choose a slice of at most 8 chips'):
+    compile_check.check_batch_sizes(config, compile_check.parse_slice('v5e-16'))
+  config.train.batch_size = 16
+  with pytest.raises(ValueError, match=r'config.eval.batch_size=8 .*--config.eval.batch_size=16'):
+    compile_check.check_batch_sizes(config, compile_check.parse_slice('v5e-16'))
+
+
+def test_fit_is_decided_both_ways_against_the_chip_hbm(steps):
+  config = _config()
+  fits = compile_check.estimate(config, steps)
+  assert fits['hbm_bytes_per_chip'] == 16 * GIB and fits['fits'] and compile_check.refusal(fits) is None
+  needed = max(fits['train_memory']['total_bytes'], fits['eval_memory']['total_bytes'])
+  refused = compile_check.estimate(config, steps, hbm_bytes=needed - 1)
+  assert not refused['fits']
+  message = compile_check.refusal(refused)
+  for key in ('config.train.batch_size', 'config.data.crop_size', 'config.mesh.fsdp'):
+    assert key in message
+  assert f'{needed / GIB:.2f} GiB per chip' in message
+  assert compile_check.estimate(config, steps, hbm_bytes=needed)['fits']
+
+
+def test_flops_match_the_cpu_compiled_step_of_the_same_config(steps):
+  """XLA's cost analysis of the TPU program against that of the CPU program (same step, 4 devices)."""
+  config = _config()
+  result = compile_check.estimate(config, steps, mfu=0.5)
+  cpu_mesh = sharding.make_mesh(config.mesh, jax.devices('cpu')[:4])
+  cpu_flops = throughput.step_flops(compile_check.compile_train_step(config, cpu_mesh))
+  assert result['flops_per_step'] == pytest.approx(cpu_flops, rel=0.1)
+  assert result['flops_per_image'] == pytest.approx(result['flops_per_step'] / 8)
+  # The arithmetic the table states: compute at peak / MFU + collectives, over num_steps.
+  assert result['step_s_at_peak'] == pytest.approx(result['flops_per_step'] / (4 * 197e12))
+  assert result['step_s'] == pytest.approx(result['step_s_at_peak'] / 0.5 + result['collective_s'])
+  assert result['train_hours'] == pytest.approx(result['step_s'] * config.train.num_steps / 3600)
+  assert result['images_per_s_per_host'] == pytest.approx(8 / result['step_s'])
+
+
+def test_collectives_carry_the_batchnorm_syncs_and_the_gradients(steps):
+  """Training BatchNorm reduces its statistics over the global batch (XLA combines some of these
+  all-reduces), and the float32 gradients of the replicated parameters are all-reduced once."""
+  config = _config()
+  model = nnx.eval_shape(lambda: dunet.DUNet(config.model, config.data.num_classes, reconstruction=None,
+                                             rngs=nnx.Rngs(0)))
+  parameter_bytes = sum(leaf.size * 4 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  counts = compile_check.count_collectives(steps.train.as_text())
+  assert counts['all-reduce']['count'] >= 10
+  assert parameter_bytes <= counts['all-reduce']['bytes'] < 2 * parameter_bytes
+
+
+def test_memory_grows_with_the_batch(steps):
+  """2 -> 8 images per chip. (1 vs 2 images of this tiny net are within XLA's layout padding.)"""
+  smaller = compile_check.memory_per_chip(steps.train)
+  larger = compile_check.memory_per_chip(compile_check.compile_train_step(_config(batch_size=32), steps.mesh))
+  assert smaller['temp_bytes'] < larger['temp_bytes']
+  assert smaller['total_bytes'] < larger['total_bytes']
+  image_bytes = 6 * 64 * 64 * 4  # 6 more uint8 images and labels per chip
+  assert larger['argument_bytes'] - smaller['argument_bytes'] == image_bytes
+
+
+def test_hlo_collective_parser_on_known_lines():
+  text = '''
+  %all-reduce.1 = f32[64]{0} all-reduce(f32[64]{0} %x), replica_groups={{0,1,2,3}}, to_apply=%add
+  %ar = (f32[2,3]{1,0}, bf16[8]{0}) all-reduce(f32[2,3]{1,0} %a, bf16[8]{0} %b), to_apply=%add
+  %ag-start = (f32[4]{0}, f32[16]{0}) all-gather-start(f32[4]{0} %p), dimensions={0}
+  %ag-done = f32[16]{0} all-gather-done((f32[4]{0}, f32[16]{0}) %ag-start)
+  %add.2 = f32[64]{0} add(f32[64]{0} %all-reduce.1, f32[64]{0} %all-reduce.1)
+  '''
+  counts = compile_check.count_collectives(text)
+  assert counts['all-reduce'] == {'count': 2, 'bytes': 64 * 4 + 6 * 4 + 8 * 2}
+  assert counts['all-gather'] == {'count': 1, 'bytes': (4 + 16) * 4 // 2}
+  seconds = compile_check.collective_seconds(counts, latency_s=1e-5, ici_bytes_per_s=1e9)
+  assert seconds == pytest.approx(3e-5 + (2 * 296 + 40) / 1e9)
