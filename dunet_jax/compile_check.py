@@ -170,7 +170,6 @@ def compile_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   graphdef, state = nnx.split(model)
   window = int(config.data.crop_size) if config.eval.sliding_window else None
   step = evaluate.make_eval_step(graphdef, mesh, num_classes=int(config.data.num_classes),
-                                 ignore_label=int(config.data.ignore_label),
                                  scales=tuple(float(s) for s in config.eval.scales),
                                  flip=bool(config.eval.flip), window=window)
   batch_size, size = config.eval.batch_size, config.data.eval_pad_size
