@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help='n of the n x n x n float32 reference matmul (0 = skip it)')
   parser.add_argument('--matmul_repeats', type=int, default=10, help='the reference matmul\'s best of N')
   parser.add_argument('--torch', default='auto', choices=['auto', 'no'],
-                      help='auto: time the PyTorch peer on CPU when torch and torchvision import')
+                      help='auto: time the PyTorch peer on CPU when torch and torchvision import (batch >= 2)')
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.crop < 32:
     parser.error('need --steps >= 1, --warmup >= 0, --batch_size >= 1 and --crop >= 32')
@@ -167,7 +167,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
       'fraction_of_matmul': achieved / (matmul_flops / reference['wall_s']),
       'fraction_of_matmul_cpu_time': (flops_per_step / step_cpu) / (matmul_flops / reference['cpu_s']),
       'step_cpu_s': step_cpu, 'matmul_cpu_s': reference['cpu_s']})
-  if device.platform == 'cpu' and args.torch == 'auto' and torch_peer.available():
+  if device.platform == 'cpu' and args.torch == 'auto' and args.batch_size >= 2 and torch_peer.available():
     for name, peer in torch_peer.time_steps(args.batch_size, args.crop, config.data.num_classes,
                                             steps=args.steps, warmup=args.warmup).items():
       result[f'torch_{name}_step_time_s'] = peer
