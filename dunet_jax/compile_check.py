@@ -6,7 +6,7 @@
 
 Deviceless ahead-of-time compilation: `jax.experimental.topologies` describes the slice's chips
 without any TPU attached, the mesh is built from them (`sharding.make_mesh`), and the functions
-training runs (`train.make_train_step`, `evaluate.make_eval_step`) are compiled for it with the
+training runs (`train.make_train_step` on a `train_state.TrainState`, `evaluate.make_eval_step`) are compiled for it with the
 same shardings, donation and dtypes, on abstract inputs (no data, no W fit: W is zeros of its
 shape). Prints a table and one JSON line:
 
@@ -47,7 +47,7 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dunet_jax import checkpoint, evaluate, sharding, throughput, train  # noqa: E402
+from dunet_jax import evaluate, sharding, throughput, train, train_state  # noqa: E402
 from dunet_jax.models import dunet  # noqa: E402
 
 GIB = 1 << 30
@@ -148,18 +148,21 @@ def topology_devices(tpu_slice: TpuSlice) -> list[jax.Device]:
 # --- The compiled programs -------------------------------------------------------------------------
 
 def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> jax.stages.Compiled:
-  """train.make_train_step on abstract state and batch laid out as training lays them out."""
+  """train.make_train_step on an abstract TrainState and batch, laid out as training lays them out
+  (train_state.create_train_state's structure and shardings, without making any array)."""
   model = nnx.eval_shape(lambda: dunet.DUNet(config.model, config.data.num_classes, reconstruction=None,
                                              rngs=nnx.Rngs(config.seed)))
-  _, params, model_state = checkpoint.split_model(model)
-  tx = train.make_optimizer(config, params)
-  state = (params, model_state, jax.eval_shape(tx.init, params))
-  state_shardings = tuple(sharding.tree_shardings(mesh, part) for part in state)
-  step = train.make_train_step(model, config, tx, mesh, state_shardings)
+  model.train()
+  graphdef, params, model_state = train_state.split_model(model)
+  tx = train_state.make_optimizer(config, params)
+  state = train_state.TrainState(graphdef=graphdef, tx=tx, params=params, model_state=model_state,
+                                 opt_state=jax.eval_shape(tx.init, params))
+  shardings = sharding.tree_shardings(mesh, state)
   size, batch_size = config.data.crop_size, config.train.batch_size
   batch = {'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
            'label': jax.ShapeDtypeStruct((batch_size, size, size), jnp.uint8)}
-  return step.lower(*_abstract(state, state_shardings), batch).compile()
+  step = train.make_train_step(mesh, shardings)
+  return step.lower(train_state.abstract(state, shardings), batch).compile()
 
 
 def compile_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> jax.stages.Compiled:
@@ -177,12 +180,8 @@ def compile_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8, sharding=batch)
   labels = jax.ShapeDtypeStruct((batch_size, size, size), jnp.uint8, sharding=batch)
   valid = jax.ShapeDtypeStruct((batch_size,), jnp.bool_, sharding=batch)
-  return step.lower(_abstract(state, sharding.tree_shardings(mesh, state)), images, labels, valid).compile()
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-                      tree, shardings)
+  return step.lower(train_state.abstract(state, sharding.tree_shardings(mesh, state)), images, labels,
+                    valid).compile()
 
 
 # --- What the compiled programs say ------------------------------------------------------------------

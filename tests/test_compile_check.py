@@ -34,6 +34,25 @@ def steps():
   return compile_check.compile_steps(_config(), compile_check.parse_slice('v5e-4'))
 
 
+@pytest.fixture(scope='module')
+def cpu_train_step():
+  """The same train step compiled for 4 CPU devices: the independent count, and what keeps this
+  file checking compile_check's use of the training code where libtpu is absent (CI)."""
+  config = _config()
+  return compile_check.compile_train_step(config, sharding.make_mesh(config.mesh, jax.devices('cpu')[:4]))
+
+
+def test_the_training_steps_compile_for_a_cpu_mesh_without_libtpu(cpu_train_step):
+  config = _config()
+  memory = compile_check.memory_per_chip(cpu_train_step)
+  assert memory['total_bytes'] >= memory['temp_bytes'] > 0
+  assert memory['alias_bytes'] > 0  # the state is donated
+  assert throughput.step_flops(cpu_train_step) > 0
+  assert compile_check.count_collectives(cpu_train_step.as_text())['all-reduce']['count'] >= 1
+  eval_step = compile_check.compile_eval_step(config, sharding.make_mesh(config.mesh, jax.devices('cpu')[:4]))
+  assert compile_check.memory_per_chip(eval_step)['argument_bytes'] > 0
+
+
 @pytest.mark.parametrize('name, generation, chips, grid, hosts', [
     ('v5e-4', 'v5e', 4, (2, 2), 1), ('v5e-16', 'v5e', 16, (4, 4), 4), ('v6e-8', 'v6e', 8, (2, 4), 1),
     ('v4-8', 'v4', 4, (2, 2, 1), 1), ('v4-32', 'v4', 16, (2, 2, 4), 4), ('v5p-8', 'v5p', 4, (2, 2, 1), 1),
@@ -74,13 +93,12 @@ def test_fit_is_decided_both_ways_against_the_chip_hbm(steps):
   assert compile_check.estimate(config, steps, hbm_bytes=needed)['fits']
 
 
-def test_flops_match_the_cpu_compiled_step_of_the_same_config(steps):
+def test_flops_match_the_cpu_compiled_step_of_the_same_config(steps, cpu_train_step):
   """XLA's cost analysis of the TPU program against that of the CPU program (same step, 4 devices)."""
   config = _config()
   result = compile_check.estimate(config, steps, mfu=0.5)
-  cpu_mesh = sharding.make_mesh(config.mesh, jax.devices('cpu')[:4])
-  cpu_flops = throughput.step_flops(compile_check.compile_train_step(config, cpu_mesh))
-  assert result['flops_per_step'] == pytest.approx(cpu_flops, rel=0.1)
+  cpu_flops = throughput.step_flops(cpu_train_step)
+  assert result['flops_per_step'] == pytest.approx(cpu_flops, rel=0.1), result['flops_per_step'] / cpu_flops
   assert result['flops_per_image'] == pytest.approx(result['flops_per_step'] / 8)
   # The arithmetic the table states: compute at peak / MFU + collectives, over num_steps.
   assert result['step_s_at_peak'] == pytest.approx(result['flops_per_step'] / (4 * 197e12))
