@@ -57,10 +57,29 @@ class Conv2d(nnx.Module):
     return y
 
 
-def batch_norm(num_features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  """BatchNorm with PyTorch's momentum / epsilon: fp32 scale, bias and statistics."""
-  return nnx.BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-                       param_dtype=jnp.float32, rngs=rngs)
+class BatchNorm(nnx.BatchNorm):
+  """nnx.BatchNorm that normalises in float32 and returns `compute_dtype`.
+
+  flax promotes the running statistics, scale and bias to the layer's dtype: with dtype=bfloat16
+  evaluation would normalise with bf16-rounded mean / var (training normalises with float32 batch
+  statistics, so train and eval would disagree). Here the layer's dtype is float32, so the input is
+  upcast, statistics and normalisation stay float32 in training and evaluation, and only the
+  output is cast to the compute dtype (XLA fuses the casts into the normalisation). Variables
+  and their names are nnx.BatchNorm's (scale, bias, mean, var), so weights and checkpoints load.
+  """
+
+  def __init__(self, num_features: int, *, compute_dtype, epsilon: float, rngs: nnx.Rngs):
+    super().__init__(num_features, momentum=BN_MOMENTUM, epsilon=epsilon, dtype=jnp.float32,
+                     param_dtype=jnp.float32, rngs=rngs)
+    self.compute_dtype = jnp.dtype(compute_dtype)
+
+  def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
+    return super().__call__(x, **kwargs).astype(self.compute_dtype)
+
+
+def batch_norm(num_features: int, dtype, rngs: nnx.Rngs, epsilon: float = BN_EPSILON) -> BatchNorm:
+  """BatchNorm with PyTorch's momentum (and epsilon by default): float32 statistics and arithmetic."""
+  return BatchNorm(num_features, compute_dtype=dtype, epsilon=epsilon, rngs=rngs)
 
 
 class ConvBNReLU(nnx.Module):

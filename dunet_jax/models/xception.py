@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from dunet_jax.models.layers import BN_MOMENTUM, Conv2d
+from dunet_jax.models.layers import Conv2d, batch_norm
 
 BN_EPSILON = 1e-3       # the TF-trained weights' epsilon (ResNet's is PyTorch's 1e-5)
 REFERENCE_WIDTH = 64    # the stem's second conv; `base_width` scales every width by base_width / 64
@@ -133,8 +133,7 @@ def plan(depth: int, *, output_stride: int, multi_grid: Sequence[int] = (1, 1, 1
 
 
 def _batch_norm(channels: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-                       param_dtype=jnp.float32, rngs=rngs)
+  return batch_norm(channels, dtype, rngs, epsilon=BN_EPSILON)
 
 
 class ConvBN(nnx.Module):
