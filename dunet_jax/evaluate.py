@@ -2,7 +2,7 @@
 
   python -m dunet_jax.evaluate --workdir=RUN [--step=N] [--split=val] [--multiscale]
       [--config.eval.scales='(0.5,1.0,1.5)'] [--config.eval.flip=True]
-      [--config.eval.sliding_window=True]
+      [--config.eval.sliding_window=True] [--save_predictions=DIR]
 
 Images are scored at their original resolution: each is padded (never resized) to
 data.eval_pad_size, the padding and void pixels are never counted, and one confusion matrix is
@@ -10,6 +10,9 @@ summed over the split (accumulated inside a jitted step over the mesh, batch sha
 The CLI reads the run's config from RUN/config.json, applies the --config overrides, prints the
 per-class table and writes RUN/eval_<split>_<step>.json (tagged with the scales, _flip and
 _window when used, e.g. eval_val_1500_s0.5-0.75-1-1.25-1.5-1.75_flip.json).
+With --save_predictions=DIR (local or gs://...) it also writes DIR/<image id>.png for every image
+of the split: the prediction at the image's original size as a palette PNG of class ids in the
+VOC colours, the format the VOC evaluation server takes and `python -m dunet_jax.score` scores.
 """
 import functools
 import json
@@ -24,6 +27,7 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -31,6 +35,8 @@ from jax.sharding import Mesh
 from dunet_jax import checkpoint
 from dunet_jax import inference
 from dunet_jax import metrics
+from dunet_jax import predict
+from dunet_jax import progress
 from dunet_jax import score
 from dunet_jax import sharding
 from dunet_jax.data import IGNORE_LABEL, datasets
@@ -70,13 +76,15 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, *, num_classes: int,
 def evaluate_model(model: nnx.Module, config: ml_collections.ConfigDict, mesh: Mesh, builder: Any, *,
                    split: str | None = None, scales: tuple[float, ...] | None = None,
                    flip: bool | None = None, sliding_window: bool | None = None,
-                   num_images_to_log: int = 0) -> dict:
+                   num_images_to_log: int = 0, save_predictions: str | epath.PathLike | None = None) -> dict:
   """mIoU, pixel accuracy, per-class IoU and the confusion matrix of `model` on a split.
 
   Switches the model to eval mode. Unset arguments come from config.eval (and
   config.data.eval_split). With
   num_images_to_log > 0 the result also holds 'images': image | ground truth | prediction
   triplets (uint8 (N, pad, 3 * pad, 3)) from the first batch, for clu's writer.write_images.
+  With save_predictions, every process writes the predictions of its images there as
+  <image id>.png (see the module docstring).
   Every process must call this (the batches of all processes form each global batch).
   """
   split = split or config.data.eval_split
@@ -94,20 +102,29 @@ def evaluate_model(model: nnx.Module, config: ml_collections.ConfigDict, mesh: M
                         scales=scales, flip=flip, window=window)
   confusion = np.zeros((config.data.num_classes,) * 2, np.int64)
   images, num_images = None, 0
+  if save_predictions is not None:
+    save_predictions = epath.Path(save_predictions)
+    save_predictions.mkdir(parents=True, exist_ok=True)
+  bar = progress.bar(-(-builder.info.splits[split].num_examples // jax.process_count()),
+                     f'evaluating {split}', 'image')
   for local_batch in pipeline.eval_batches(
       builder, config.data, split=split, global_batch_size=config.eval.batch_size,
       pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
       process_count=jax.process_count()):
     batch = sharding.to_global({key: local_batch[key] for key in ('image', 'label', 'valid')}, mesh)
     batch_confusion, predictions = step(state, batch['image'], batch['label'], batch['valid'])
+    if save_predictions is not None:
+      write_predictions(save_predictions, local_batch, local_rows(predictions))
     confusion += np.asarray(batch_confusion)
     num_images += int(local_batch['valid'].sum())
+    bar.update(int(local_batch['valid'].sum()))
     if images is None and num_images_to_log > 0:
       # Global rows start with process 0's local rows, which are the ones shown.
       predictions = multihost_utils.process_allgather(predictions, tiled=True)
       count = min(num_images_to_log, int(local_batch['valid'].sum()))
       images = image_triplets(local_batch['image'][:count], local_batch['label'][:count],
                               np.asarray(predictions[:count]))
+  bar.close()
   num_images = int(multihost_utils.process_allgather(np.int64(num_images)).sum())
   result = metrics.scores(confusion)
   result.update(confusion_matrix=confusion, num_images=num_images, split=split, scales=list(scales),
@@ -115,6 +132,23 @@ def evaluate_model(model: nnx.Module, config: ml_collections.ConfigDict, mesh: M
   if images is not None:
     result['images'] = images
   return result
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in its local batch order."""
+  shards = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
+  return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
+def write_predictions(directory: epath.Path, local_batch: dict[str, np.ndarray],
+                      predictions: np.ndarray) -> None:
+  """<id>.png per valid image: the prediction cropped to the image's original size."""
+  for k in np.flatnonzero(local_batch['valid']):
+    image_id = local_batch['id'][k].decode()
+    if not image_id or '/' in image_id:
+      raise ValueError(f'--save_predictions: image id {image_id!r} cannot be a file name')
+    height, width = int(local_batch['height'][k]), int(local_batch['width'][k])
+    predict.save_label_png(directory / f'{image_id}.png', predictions[k, :height, :width])
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
@@ -149,7 +183,8 @@ def result_file_name(result: dict, step: int) -> str:
 
 
 def evaluate_checkpoint(workdir: str | pathlib.Path, config_overrides: dict[str, Any], *,
-                        step: int | None = None, split: str | None = None) -> tuple[dict, pathlib.Path]:
+                        step: int | None = None, split: str | None = None,
+                        save_predictions: str | None = None) -> tuple[dict, pathlib.Path]:
   """Restores a run's checkpoint, evaluates it, and writes eval_<split>_<step>.json into workdir."""
   workdir = pathlib.Path(workdir)
   config = checkpoint.load_config(workdir)
@@ -157,7 +192,7 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, config_overrides: dict[str,
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
   model, _, restored_step = checkpoint.restore_model(workdir, step, mesh)
   builder = datasets.prepare(config.data)
-  result = evaluate_model(model, config, mesh, builder, split=split)
+  result = evaluate_model(model, config, mesh, builder, split=split, save_predictions=save_predictions)
   written = json_result(result, list(datasets.class_names(config.data)), restored_step)
   path = workdir / result_file_name(result, restored_step)
   if jax.process_index() == 0:
@@ -174,6 +209,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the newest).')
   flags.DEFINE_string('split', None, 'Split to evaluate (default: the run\'s data.eval_split).')
   flags.DEFINE_bool('multiscale', False, f'Scales {inference.MULTISCALE_SCALES} plus horizontal flip.')
+  flags.DEFINE_string('save_predictions', None, 'Folder (local or gs://) for one palette PNG of class ids '
+                      'per image, <image id>.png at its original size (the VOC server format).')
   config_flags.DEFINE_config_dict('config', default.get_config(),
                                   'Overrides of the run\'s recorded config, e.g. --config.eval.flip=True.')
 
@@ -186,7 +223,8 @@ def main(argv: list[str]) -> None:
   if options.multiscale:
     overrides.update({'eval.scales': inference.MULTISCALE_SCALES, 'eval.flip': True})
   try:
-    result, path = evaluate_checkpoint(options.workdir, overrides, step=options.step, split=options.split)
+    result, path = evaluate_checkpoint(options.workdir, overrides, step=options.step, split=options.split,
+                                       save_predictions=options.save_predictions)
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f'error: {error}')
   config = checkpoint.load_config(options.workdir)

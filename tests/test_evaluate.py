@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
-from dunet_jax import checkpoint, evaluate, sharding
+from dunet_jax import checkpoint, evaluate, score, sharding
 from dunet_jax.data import datasets, palette
 from test_inference import REPO_ROOT, reference_probabilities, tiny_run
 
@@ -78,9 +79,11 @@ def test_sliding_window_evaluation_runs_over_crops(run_and_data):
 
 def test_cli_writes_json_with_overrides(run_and_data):
   workdir, model, config, builder, mesh = run_and_data
+  predictions = workdir.parent / 'val_predictions'
   completed = subprocess.run(
       [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}', '--config.eval.scales=(0.5,1.25)',
-       '--config.eval.flip=True'], cwd=REPO_ROOT, capture_output=True, text=True)
+       '--config.eval.flip=True', f'--save_predictions={predictions}'], cwd=REPO_ROOT, capture_output=True,
+      text=True)
   assert completed.returncode == 0, completed.stderr
   written = json.loads((workdir / 'eval_val_5_s0.5-1.25_flip.json').read_text())
   assert written['scales'] == [0.5, 1.25] and written['flip'] and written['step'] == 5
@@ -88,6 +91,22 @@ def test_cli_writes_json_with_overrides(run_and_data):
   expected = evaluate.evaluate_model(model, config, mesh, builder, scales=(0.5, 1.25), flip=True)
   assert written['miou'] == pytest.approx(expected['miou'], abs=2e-3)
   assert 'mIoU' in completed.stdout and written['class_names'][1] in completed.stdout
+
+  # --save_predictions: one palette PNG per val image, at its original size, named by its id, that
+  # the VOC-style scorer scores to exactly the mIoU evaluate printed.
+  labels = workdir.parent / 'val_labels'
+  labels.mkdir()
+  for example in builder.as_dataset(split='val').as_numpy_iterator():
+    Image.fromarray(example['label'][..., 0]).save(labels / f'{example["id"].decode()}.png')
+    with Image.open(predictions / f'{example["id"].decode()}.png') as png:
+      assert png.mode == 'P' and png.size == example['label'].shape[1::-1]
+      assert png.getpalette()[:6 * 3] == palette.VOC_COLORMAP[:6].ravel().tolist()
+  pairs = score.matched_pairs(predictions, labels)
+  assert len(pairs) == config.data.synthetic_num_val
+  confusion, scored = score.score_pairs(pairs, config.data.num_classes)
+  np.testing.assert_array_equal(confusion, written['confusion_matrix'])
+  assert scored['miou'] == written['miou']
+  assert 'mIoU' in completed.stdout and f'{100 * scored["miou"]:5.2f}' in completed.stdout
 
   refused = subprocess.run(
       [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}', '--config.model.depth=101'],

@@ -88,7 +88,7 @@ def eval_batches(builder: tfds.core.DatasetBuilder, data_config: ml_collections.
 
   Yields {'image': uint8 (B_local, pad, pad, 3) (absent when labels_only), 'label': uint8
   (B_local, pad, pad) with 255 in the padding, 'height', 'width': int32 (B_local,), 'valid': bool
-  (B_local,)}. Each process reads its own contiguous part of the split; all processes yield the
+  (B_local,), 'id': bytes (B_local,) (b'' for the invalid fill)}. Each process reads its own contiguous part of the split; all processes yield the
   same number of batches, the last ones completed by invalid all-void examples.
   """
   local_batch_size = _local_batch_size(global_batch_size, process_count, 'eval.batch_size')
@@ -134,10 +134,10 @@ def eval_batches(builder: tfds.core.DatasetBuilder, data_config: ml_collections.
 
 def _checked_eval_batches(batches: Iterator[dict[str, np.ndarray]],
                           pad_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Drops the bookkeeping features; an image that did not fit the pad size is an error."""
+  """Drops the bookkeeping feature 'fits'; an image that did not fit the pad size is an error."""
   for batch in batches:
     too_large = np.flatnonzero(~batch.pop('fits'))
-    ids = batch.pop('id')
+    ids = batch['id']
     if too_large.size:
       i = too_large[0]
       raise ValueError(
