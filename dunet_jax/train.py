@@ -23,7 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dunet_jax import checkpoint, evaluate, metrics, reconstruction, sharding, throughput, train_state
+from dunet_jax import checkpoint, evaluate, metrics, progress, reconstruction, sharding, throughput, train_state
 from dunet_jax.data import IGNORE_LABEL, datasets, pipeline
 from dunet_jax.models import config_checks
 
@@ -76,8 +76,11 @@ def fit_or_load_w(config: ml_collections.ConfigDict, workdir: pathlib.Path, buil
       builder, config.data, split=config.data.train_split, global_batch_size=config.eval.batch_size,
       pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
       process_count=jax.process_count(), labels_only=True)
+  num_batches = -(-builder.info.splits[config.data.train_split].num_examples // config.eval.batch_size)
   if config.train.w_num_images:
-    label_batches = itertools.islice(label_batches, -(-config.train.w_num_images // config.eval.batch_size))
+    num_batches = min(num_batches, -(-config.train.w_num_images // config.eval.batch_size))
+    label_batches = itertools.islice(label_batches, num_batches)
+  label_batches = progress.iterate(label_batches, num_batches, 'fitting W', 'batch')
   fit = reconstruction.fit_pca(
       (sharding.to_global({'label': batch['label']}, mesh)['label'] for batch in label_batches),
       ratio=config.model.output_stride, num_classes=config.data.num_classes,

@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from dunet_jax import metrics
+from dunet_jax import progress
 from dunet_jax import reconstruction
 from dunet_jax.data import IGNORE_LABEL, label_files
 from dunet_jax.models.dupsample import depth_to_space
@@ -204,7 +205,7 @@ def fit_sgd(label_batches: Iterable[np.ndarray | jax.Array], *, ratio: int, num_
   rng = np.random.default_rng(seed)
   losses = []
   empty = np.full((1, ratio * ratio), IGNORE_LABEL, np.uint8)
-  for _ in range(steps):
+  for _ in progress.iterate(range(steps), steps, 'SGD fit of W', 'step'):
     batch = mixed[rng.integers(0, mixed.shape[0], batch_windows)] if mixed.shape[0] else empty
     params, state, loss = step(params, state, batch)
     losses.append(float(loss))
@@ -252,8 +253,9 @@ def score_split(label_dir: str, ids: list[str], *, projection: np.ndarray, w: np
                 batch_size: int) -> dict:
   """Summed confusion matrices and reconstruction errors over all `ids`."""
   totals = {}
-  for batch in label_files.label_batches(label_dir, _sorted_by_shape(label_dir, ids, ratio), ratio=ratio,
-                                         batch_size=batch_size):
+  batches = label_files.label_batches(label_dir, _sorted_by_shape(label_dir, ids, ratio), ratio=ratio,
+                                      batch_size=batch_size)
+  for batch in progress.iterate(batches, -(-len(ids) // batch_size), f'scoring val, r={ratio}', 'batch'):
     result = jax.device_get(_score_batch(batch['label'], projection, w, ratio, num_classes, components,
                                          downsamples))
     for key, value in result.items():
@@ -262,7 +264,9 @@ def score_split(label_dir: str, ids: list[str], *, projection: np.ndarray, w: np
 
 
 def _train_batches(label_dir: str, ids: list[str], ratio: int):
-  return (batch['label'] for batch in label_files.label_batches(label_dir, ids, ratio=ratio, batch_size=16))
+  batches = label_files.label_batches(label_dir, ids, ratio=ratio, batch_size=16)
+  return (batch['label'] for batch in progress.iterate(batches, -(-len(ids) // 16), f'fitting W, r={ratio}',
+                                                        'batch'))
 
 
 def run(label_dir: str, train_ids: list[str], val_ids: list[str], *, ratios: list[int],
