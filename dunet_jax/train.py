@@ -3,12 +3,11 @@
 `train_and_evaluate(config, workdir)` is the whole job. It is safe to rerun: it resumes from
 the newest readable checkpoint (parameters, optimizer state and step; the data pipeline and
 augmentation are pure functions of the seed and the step, so a resumed run sees the batches an
-uninterrupted one would), saves and exits cleanly on SIGTERM, and stops on a NaN or Inf loss
-without overwriting the last good checkpoint.
+uninterrupted one would), saves a checkpoint and exits on a preemption notice (see
+`dunet_jax.preemption`), and stops on a NaN or Inf loss without overwriting the last good checkpoint.
 """
 import itertools
 import pathlib
-import signal
 import time
 from typing import Any, Callable
 
@@ -23,7 +22,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dunet_jax import checkpoint, evaluate, metrics, progress, reconstruction, sharding, throughput, train_state
+from dunet_jax import (checkpoint, evaluate, metrics, preemption, progress, reconstruction, sharding, throughput,
+                       train_state)
 from dunet_jax.data import IGNORE_LABEL, datasets, pipeline
 from dunet_jax.models import config_checks
 
@@ -92,26 +92,6 @@ def fit_or_load_w(config: ml_collections.ConfigDict, workdir: pathlib.Path, buil
   return fit.w
 
 
-class PreemptionWatcher:
-  """Turns SIGTERM into a flag the loop checks, so it can save a checkpoint and exit cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    logging.warning('SIGTERM received: saving a checkpoint at the current step, then exiting.')
-    self.requested = True
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step) or self.requested
-    return self.requested
-
-  def close(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains (or resumes) the run in `workdir` to config.train.num_steps; returns the last eval metrics."""
   config_checks.validate_model(config)
@@ -157,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   peak = throughput.resolve_peak_flops(config.train.peak_flops)
   learning_rate = train_state.learning_rate_schedule(config)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
-  watcher = PreemptionWatcher()
+  watcher = preemption.Watcher()
   pending_checks: list[tuple[jax.Array, jax.Array]] = []
   last_log = (time.time(), step)
   batch = first_batch
@@ -185,8 +165,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if step % config.train.checkpoint_every == 0 or is_last or stopping:
         checkpoint.save(manager, step, state)
       if stopping:
-        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
-        break
+        manager.wait_until_finished()
+        logging.warning('Stopped at step %d on a preemption notice (checkpoint saved); rerun the same '
+                        'command to resume.', step)
+        raise preemption.Preempted(step)
       if step % config.train.eval_every == 0 or is_last:
         with report_progress.timed('eval'):
           eval_metrics = evaluate.evaluate_model(state.eval_model(), config, mesh, builder,

@@ -4,6 +4,9 @@
 
 DRY_RUN=0
 MAIN_ARGS=()
+# dunet_jax.main's exit status after a preemption notice (SIGTERM): it saved a checkpoint at the step
+# all processes agreed on, and rerunning the same command resumes from it (dunet_jax.preemption.EXIT_CODE).
+PREEMPTED_EXIT_CODE=75
 
 die() {
   echo "error: $*" >&2

@@ -4,7 +4,7 @@
 # Creates a venv with the pinned requirements plus jax[cuda12] (once), then runs dunet_jax.main as a
 # single process that drives every visible GPU (jax.jit shards the global batch over all of them and
 # NCCL does the all-reduces; no jax.distributed setup is needed on one host). Rerunning the same
-# command resumes from the latest checkpoint in WORKDIR.
+# command resumes from the latest checkpoint in WORKDIR; under a service manager, restart on exit 75.
 set -euo pipefail
 
 # ---- Edit these (or set them in the environment) ----------------------------------------------------
@@ -45,4 +45,6 @@ fi
 run_export XLA_PYTHON_CLIENT_MEM_FRACTION "$MEM_FRACTION"
 run_export NCCL_DEBUG "$NCCL_DEBUG_LEVEL"
 run cd "$REPO_ROOT"
-run "$VENV_DIR/bin/python" -m dunet_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}
+# exec: training replaces this shell, so a SIGTERM sent to the script (a service manager stopping it,
+# a container runtime's stop) reaches training, which saves a checkpoint and exits with status 75.
+run exec "$VENV_DIR/bin/python" -m dunet_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}

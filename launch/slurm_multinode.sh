@@ -6,8 +6,8 @@
 # coordinator, process count and id from SLURM's variables and gives each process the GPU numbered
 # SLURM_LOCALID, so main needs no flags (one task per node would need explicit local_device_ids).
 # Every task must see all GPUs of its node (--gpu-bind=none) for that numbering to hold.
-# The job gets SIGTERM 3 minutes before its time limit and on preemption, saves a checkpoint, and
-# is requeued; rerunning (or the requeue) resumes from the latest checkpoint in WORKDIR.
+# Training gets SIGTERM 3 minutes before the time limit (and on preemption), saves a checkpoint and
+# exits with status 75; the job then requeues itself (scontrol requeue) and resumes from it.
 set -euo pipefail
 
 # ---- Edit these (or set them in the environment) ----------------------------------------------------
@@ -64,8 +64,29 @@ train() {
   fi
   run_export XLA_PYTHON_CLIENT_MEM_FRACTION "$MEM_FRACTION"
   run cd "$REPO_ROOT"
+  local status=0
   run srun --kill-on-bad-exit=1 --gpu-bind=none "$VENV_DIR/bin/python" -m dunet_jax.main \
-    "--config=$CONFIG" "--workdir=$WORKDIR" ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}
+    "--config=$CONFIG" "--workdir=$WORKDIR" ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"} || status=$?
+  requeue_if_preempted "$status"
+}
+
+# A job that exits by itself is not requeued by SLURM, even with --requeue: after a preemption notice
+# (the --signal before the time limit, or a preemption) the job puts itself back in the queue, and
+# the requeued job resumes from the checkpoint. Any other failure ends the job with its status.
+requeue_if_preempted() {
+  local status=$1
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "# then, if training exited with status $PREEMPTED_EXIT_CODE (stopped on a preemption notice, checkpoint saved):"
+    run scontrol requeue '$SLURM_JOB_ID'
+    return
+  fi
+  if [ "$status" = "$PREEMPTED_EXIT_CODE" ]; then
+    run scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed: resubmit the same command to resume from the checkpoint"
+    return
+  fi
+  if [ "$status" != 0 ]; then
+    die "training failed with exit status $status (not a preemption): the job is not requeued"
+  fi
 }
 
 if [ "$INSIDE_JOB" = 1 ]; then

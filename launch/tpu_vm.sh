@@ -4,8 +4,9 @@
 # Creates the TPU (or reuses it; recreates it if it was preempted), copies this checkout (or clones
 # REPO_URL) to every worker, installs the pinned requirements plus jax[tpu] in a Python 3.11 venv, and
 # runs the same dunet_jax.main command on all workers at once (jax.distributed.initialize() finds the
-# other workers by itself on Cloud TPU). Rerunning the same command after a preemption resumes from
-# the latest checkpoint in WORKDIR, which must therefore outlive the TPU: use a gs:// bucket.
+# other workers by itself on Cloud TPU). When the TPU is preempted, or training stops on a preemption
+# notice (exit status 75), it does all of that again and training resumes from the latest checkpoint
+# in WORKDIR, which must therefore outlive the TPU: use a gs:// bucket.
 set -euo pipefail
 
 # ---- Edit these (or set them in the environment) ----------------------------------------------------
@@ -23,14 +24,16 @@ PYTHON_VERSION="${PYTHON_VERSION:-3.11}"
 JAX_VERSION="${JAX_VERSION:-0.10.2}"
 CONFIG="${CONFIG:-configs/voc.py}"               # relative to the repository root
 WORKDIR="${WORKDIR:-gs://YOUR_BUCKET/dunet/voc}"  # checkpoints + TensorBoard; shared by all workers
-BACKGROUND="${BACKGROUND:-0}"                    # 1 = detach: training keeps going if your ssh drops
+BACKGROUND="${BACKGROUND:-0}"                    # 1 = detach: training keeps going if your ssh drops (no restarts)
+MAX_RESTARTS="${MAX_RESTARTS:-20}"               # recreate-and-resume rounds after preemptions (BACKGROUND=0)
+RESTART_DELAY="${RESTART_DELAY:-60}"             # seconds to wait before recreating a preempted TPU
 LOG_FILE="${LOG_FILE:-dunet_train.log}"          # in each worker's home, with BACKGROUND=1
 # -----------------------------------------------------------------------------------------------------
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO_ROOT/launch/common.sh"
 
-usage() { sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 parse_args "$@"
 require_command gcloud 'install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install) and run `gcloud auth login`'
@@ -106,7 +109,43 @@ train() {
   on_all_workers "cd $REMOTE_DIR && $command"
 }
 
-create_or_reuse_tpu
-copy_code
-install_requirements
-train
+# True when a training round that ended with `status` was preempted: the TPU was taken away
+# (PREEMPTED or TERMINATED; the ssh session then fails), or training stopped on a preemption
+# notice and saved a checkpoint (exit status 75).
+was_preempted() {
+  local status=$1 state
+  state=$(gcloud compute tpus tpu-vm describe "$TPU_NAME" "${LOCATION[@]}" --format='value(state)' 2>/dev/null || true)
+  case "$state" in
+    PREEMPTED|TERMINATED) return 0 ;;
+  esac
+  [ "$status" = "$PREEMPTED_EXIT_CODE" ]
+}
+
+# Create (or reuse) the TPU, copy the code, install, train; again after each preemption, resuming
+# from the latest checkpoint, until training finishes, fails for another reason or MAX_RESTARTS is spent.
+run_until_done() {
+  local restarts=0 status
+  while true; do
+    create_or_reuse_tpu
+    copy_code
+    install_requirements
+    status=0
+    train || status=$?
+    if [ "$DRY_RUN" = 1 ]; then
+      echo "# if the TPU is preempted or training exits with status $PREEMPTED_EXIT_CODE (checkpoint saved), the steps above run again (up to MAX_RESTARTS=$MAX_RESTARTS times) and training resumes"
+      return 0
+    fi
+    if [ "$status" = 0 ] || [ "$BACKGROUND" = 1 ]; then
+      return "$status"
+    fi
+    was_preempted "$status" || die "training failed with exit status $status (not a preemption): fix the cause, then rerun this command to resume"
+    if [ "$restarts" -ge "$MAX_RESTARTS" ]; then
+      die "preempted again after $MAX_RESTARTS restarts: rerun this command to resume (raise MAX_RESTARTS to retry longer)"
+    fi
+    restarts=$((restarts + 1))
+    echo "preempted (exit status $status): recreating or reusing $TPU_NAME in ${RESTART_DELAY}s and resuming (restart $restarts of $MAX_RESTARTS)"
+    sleep "$RESTART_DELAY"
+  done
+}
+
+run_until_done

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dunet_jax import checkpoint, reconstruction, train_state
+from dunet_jax import checkpoint, preemption, reconstruction, train_state
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 20
@@ -51,9 +51,17 @@ def _params(workdir, step=None):
   return restored_step, jax.device_get(nnx.to_pure_dict(nnx.state(model)))
 
 
-def _start(workdir, data_dir, devices=1):
-  return subprocess.Popen(_command(workdir, data_dir), cwd=REPO_ROOT, env=_env(devices),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(workdir, data_dir, *overrides, devices=1, extra_flags=()):
+  return subprocess.Popen(_command(workdir, data_dir, *overrides, extra_flags=extra_flags), cwd=REPO_ROOT,
+                          env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _process_flags(coordinator_address, index, count=2):
+  return (f'--coordinator_address={coordinator_address}', f'--num_processes={count}', f'--process_id={index}')
+
+
+def _stopped_step(output: str) -> int:
+  return int(output.split('Stopped at step ')[1].split()[0])
 
 
 def _wait_for_checkpoint(process, workdir, step):
@@ -81,8 +89,8 @@ def test_sigterm_saves_then_sigkill_resume_equals_uninterrupted(reference, data_
   _wait_for_checkpoint(first, workdir, CHECKPOINT_EVERY)
   first.send_signal(signal.SIGTERM)
   output = first.communicate(timeout=300)[0]
-  assert first.returncode == 0, output[-3000:]
-  stopped = int(output.split('Stopped at step ')[1].split()[0])
+  assert first.returncode == preemption.EXIT_CODE, output[-3000:]
+  stopped = _stopped_step(output)
   assert CHECKPOINT_EVERY <= stopped < NUM_STEPS and _steps(workdir)[-1] == stopped
 
   second = _start(workdir, data_dir)
@@ -142,12 +150,8 @@ def test_two_processes_match_one_process(tmp_path, data_dir, coordinator_address
   single = tmp_path / 'single'
   _run(single, data_dir, *steps, devices=4)
   multi = tmp_path / 'multi'
-  processes = [subprocess.Popen(
-      _command(multi, data_dir, *steps,
-               extra_flags=(f'--coordinator_address={coordinator_address}', '--num_processes=2',
-                            f'--process_id={index}')),
-      cwd=REPO_ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for index in range(2)]
+  processes = [_start(multi, data_dir, *steps, devices=2, extra_flags=_process_flags(coordinator_address, index))
+               for index in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   for process, output in zip(processes, outputs):
     assert process.returncode == 0, output[-3000:]
@@ -168,3 +172,23 @@ def test_two_processes_match_one_process(tmp_path, data_dir, coordinator_address
     assert difference <= 0.05 * update + 1e-7, (jax.tree_util.keystr(path), difference, update)
 
   jax.tree_util.tree_map_with_path(check, got, expected, initial)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, data_dir, coordinator_address):
+  """JAX's preemption notifier: a SIGTERM to process 1 only makes both processes save the same step
+  and exit with preemption.EXIT_CODE; the run then resumes from that step."""
+  workdir = tmp_path / 'run'
+  endless = '--config.train.num_steps=100000'  # the run can only end by preemption
+  processes = [_start(workdir, data_dir, endless, extra_flags=_process_flags(coordinator_address, index))
+               for index in range(2)]
+  _wait_for_checkpoint(processes[0], workdir, CHECKPOINT_EVERY)
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == preemption.EXIT_CODE, output[-3000:]
+  stopped = [_stopped_step(output) for output in outputs]
+  assert stopped[0] == stopped[1] == _steps(workdir)[-1] > CHECKPOINT_EVERY, (stopped, _steps(workdir))
+  # The saved step is complete and is where the rerun (here one process) starts; made the last step,
+  # the rerun restores it and compiles nothing.
+  resumed = _run(workdir, data_dir, f'--config.train.num_steps={stopped[0]}')
+  assert f'at step {stopped[0]}' in resumed.stderr and 'Training already complete' in resumed.stderr

@@ -13,7 +13,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO_ROOT / 'launch'
 CONFIG = 'configs/default.py'
 BASH = shutil.which('bash')
-TOOLS = ('dirname', 'sed', 'git', 'mkdir')  # what the scripts use besides the tools under test
+TOOLS = ('dirname', 'sed', 'git', 'mkdir', 'sleep', 'cat', 'touch', 'rm')  # what the scripts use besides the tools under test
 
 STUB = """#!{bash}
 {{ printf '%s\\037' "${{0##*/}}" "$@"; printf '\\036'; }} >> "$STUB_LOG"
@@ -61,7 +61,9 @@ def _recorded_calls(tmp_path: pathlib.Path) -> list[list[str]]:
 
 
 def _external(commands: list[list[str]]) -> list[list[str]]:
-  """Printed commands that start a program (not cd / export / module), program name reduced to basename."""
+  """Printed commands that start a program (not cd / export / module), program name reduced to basename
+  (and without a leading `exec`, which runs the program in place of the shell)."""
+  commands = [c[1:] if c[0] == 'exec' else c for c in commands]
   return [[os.path.basename(c[0]), *c[1:]] for c in commands if c[0] not in ('cd', 'export', 'module')]
 
 
@@ -149,7 +151,8 @@ def test_gpu_single_host_dry_run_and_real_run(tmp_path):
                          f'{REPO_ROOT}/requirements.txt', 'jax[cuda13]==0.10.2']
   assert ['export', 'CUDA_VISIBLE_DEVICES=0,1'] in commands
   assert ['export', 'XLA_PYTHON_CLIENT_MEM_FRACTION=0.8'] in commands
-  assert commands[-1] == _main_command(f'{venv}/bin/python', '/data/runs/a', '--config.train.num_steps=10')
+  # exec: a SIGTERM sent to the script reaches training (which saves and exits), not just the shell.
+  assert commands[-1] == ['exec', *_main_command(f'{venv}/bin/python', '/data/runs/a', '--config.train.num_steps=10')]
 
   _write_stub(venv / 'bin' / 'python')
   real = _run('gpu_single_host.sh', GPU_ARGS, tmp_path, env, stubs=('nvidia-smi', 'python3.11'))
@@ -178,10 +181,12 @@ def test_slurm_dry_run_prints_sbatch_and_srun(tmp_path):
     assert option in sbatch
   script = sbatch.index(f'{REPO_ROOT}/launch/slurm_multinode.sh')
   assert sbatch[script + 1:] == ['--inside-job', *SLURM_ARGS]
-  srun = commands[-1]
+  srun = commands[-2]
   python = f'{tmp_path}/home/.venvs/dunet_jax_gpu/bin/python'
   assert srun == ['srun', '--kill-on-bad-exit=1', '--gpu-bind=none',
                   *_main_command(python, '/shared/runs/a', '--config.train.batch_size=64')]
+  assert commands[-1] == ['scontrol', 'requeue', '$SLURM_JOB_ID']  # only after a preemption (exit 75)
+  assert 'status 75' in result.stdout.splitlines()[-2]
 
 
 def test_slurm_submit_and_job_run_what_dry_run_prints(tmp_path):
@@ -194,9 +199,32 @@ def test_slurm_submit_and_job_run_what_dry_run_prints(tmp_path):
   assert (tmp_path / 'home' / 'dunet_runs' / 'slurm_logs').is_dir()
   (tmp_path / 'calls.log').unlink()
   inside = calls[0][calls[0].index('--inside-job'):]  # what sbatch would run the script with
-  real = _run('slurm_multinode.sh', inside, tmp_path, SLURM_ENV, stubs=('srun',))
+  real = _run('slurm_multinode.sh', inside, tmp_path, SLURM_ENV, stubs=('srun', 'scontrol'))
   assert real.returncode == 0, real.stderr
-  assert _recorded_calls(tmp_path) == _external(_printed_commands(job))
+  # Training finished (srun exited 0): the job is not requeued.
+  assert _recorded_calls(tmp_path) == [c for c in _external(_printed_commands(job)) if c[0] != 'scontrol']
+
+
+def _stub_exiting(path: pathlib.Path, status: int) -> None:
+  """A recording stub that exits with `status`."""
+  _write_stub(path)
+  path.write_text(path.read_text() + f'exit {status}\n')
+
+
+@pytest.mark.parametrize('status', [75, 1])
+def test_slurm_job_requeues_itself_only_after_a_preemption(tmp_path, status):
+  """srun exiting 75 (training saved a checkpoint on SIGTERM) -> scontrol requeue of this job, whose
+  rerun resumes; any other failure ends the job with an error and no requeue."""
+  _stub_exiting(_tools_dir(tmp_path, ('scontrol',)) / 'srun', status)
+  result = _run('slurm_multinode.sh', ['--inside-job', *SLURM_ARGS], tmp_path, {**SLURM_ENV, 'SLURM_JOB_ID': '4242'})
+  calls = _recorded_calls(tmp_path)
+  assert calls[0][0] == 'srun'
+  if status == 75:
+    assert result.returncode == 0, result.stderr
+    assert calls[1:] == [['scontrol', 'requeue', '4242']]
+  else:
+    assert result.returncode != 0 and 'exit status 1 (not a preemption)' in result.stderr
+    assert calls[1:] == []
 
 
 def test_slurm_fails_clearly_without_sbatch(tmp_path):
@@ -204,3 +232,38 @@ def test_slurm_fails_clearly_without_sbatch(tmp_path):
   assert result.returncode != 0 and "'sbatch' not found" in result.stderr
   result = _run('slurm_multinode.sh', ['--inside-job', *SLURM_ARGS], tmp_path)
   assert result.returncode != 0 and "'srun' not found" in result.stderr
+
+
+# A gcloud whose TPU is preempted during the first training round: the ssh session fails (255) and
+# describe reports PREEMPTED; the next round trains to the end.
+PREEMPTED_GCLOUD = """
+case "$*" in
+  *' describe '*) cat "$STUB_LOG.state" 2>/dev/null ;;
+  *' delete '*) rm -f "$STUB_LOG.state" ;;
+  *dunet_jax.main*)
+    if [ ! -e "$STUB_LOG.trained" ]; then touch "$STUB_LOG.trained"; echo PREEMPTED > "$STUB_LOG.state"; exit 255; fi ;;
+esac
+"""
+
+
+def test_tpu_recreates_a_preempted_tpu_and_resumes(tmp_path):
+  gcloud = _tools_dir(tmp_path, ('gcloud',)) / 'gcloud'
+  gcloud.write_text(gcloud.read_text() + PREEMPTED_GCLOUD)
+  result = _run('tpu_vm.sh', TPU_ARGS, tmp_path, {**TPU_ENV, 'RESTART_DELAY': '0'})
+  assert result.returncode == 0, result.stderr
+  verbs = [call[4] for call in _recorded_calls(tmp_path)]
+  trains = [call for call in _recorded_calls(tmp_path) if 'dunet_jax.main' in call[-1]]
+  assert len(trains) == 2 and trains[0] == trains[1]  # the same command resumes from the checkpoint
+  # Round 1: created, code copied (scp, ssh unpack), installed (ssh), trained (ssh: the session is
+  # lost), found PREEMPTED. Round 2: deleted, recreated, and the same steps to the end.
+  steps = ['create', 'scp', 'ssh', 'ssh', 'ssh']
+  assert verbs == ['describe', *steps, 'describe', 'describe', 'delete', *steps]
+  assert 'restart 1 of 20' in result.stdout
+
+
+def test_tpu_does_not_restart_after_a_real_failure(tmp_path):
+  gcloud = _tools_dir(tmp_path, ('gcloud',)) / 'gcloud'
+  gcloud.write_text(gcloud.read_text() + 'case "$*" in *describe*) echo READY ;; *dunet_jax.main*) exit 1 ;; esac\n')
+  result = _run('tpu_vm.sh', TPU_ARGS, tmp_path, {**TPU_ENV, 'RESTART_DELAY': '0'})
+  assert result.returncode != 0 and 'exit status 1 (not a preemption)' in result.stderr
+  assert sum('dunet_jax.main' in call[-1] for call in _recorded_calls(tmp_path)) == 1
