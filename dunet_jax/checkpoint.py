@@ -34,7 +34,8 @@ RECONSTRUCTION_FILE = 'reconstruction.npz'
 # what is trained, so resuming with another value is refused.
 RESUMABLE_CHANGES = ('data.manual_dir', 'data.tfds_data_dir', 'data.skip_bad_files',
                      'train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
-                     'train.keep_checkpoints', 'train.peak_flops', 'eval.', 'mesh.')
+                     'train.keep_checkpoints', 'train.peak_flops', 'eval.', 'mesh.',
+                     'model.require_pretrained')  # a start-time guard; runs recorded before it lack it
 
 
 class IncompatibleCheckpointError(ValueError):
