@@ -34,12 +34,14 @@ def test_the_command_follows_the_stem_and_the_arch_fits_the_backbone():
   config.model.stem = 'standard'
   assert config_checks.convert_weights_arch(config.model) == 'resnet50'
   assert '--source=PATH/resnet50-<hash>.pth --arch=resnet50 ' in config_checks.convert_command(config.model)
-  # The arch named is one whose converted tensors are exactly the preset's backbone's.
-  for preset in ('r50_os16', 'r101_os8_deeplabv3plus', 'x65_os16', 'x71_os16'):
-    model_config = voc.get_config(preset).model
-    backbone = nnx.eval_shape(lambda: dunet.build_backbone(model_config, rngs=nnx.Rngs(0)))
-    assert (pretrained.parameter_shapes(backbone)
-            == convert_weights.target_shapes(config_checks.convert_weights_arch(model_config)))
+  # The arch named for the deep-stem preset is one whose converted tensors are exactly its backbone's.
+  model_config = voc.get_config('r50_os16').model
+  backbone = nnx.eval_shape(lambda: dunet.build_backbone(model_config, rngs=nnx.Rngs(0)))
+  assert (pretrained.parameter_shapes(backbone)
+          == convert_weights.target_shapes(config_checks.convert_weights_arch(model_config)))
+  assert [config_checks.convert_weights_arch(voc.get_config(preset).model)
+          for preset in ('r101_os8_deeplabv3plus', 'x65_os16', 'x71_os16')] == ['resnet101c', 'xception65',
+                                                                                'xception71']
 
 
 def test_tiny_presets_and_the_demo_train_without_weights_and_none_is_logged(caplog):
