@@ -4,10 +4,19 @@ The closest published network to DUNet-R50-OS16 (same backbone and output stride
 a framework whose CPU kernels are tuned independently of XLA's: one SGD step (forward, softmax
 cross-entropy with void 255, backward, update) on a random batch, timed the way train_step.py times
 DUNet. Two variants: float32, and bf16 autocast with channels_last (PyTorch's fast CPU path).
-torch and torchvision are not dunet_jax requirements; `available()` says whether they import.
+torch and torchvision are not dunet_jax requirements; `available()` says whether they are installed.
+`run()` times them in a separate process: torch loaded beside jax and TensorFlow in one process
+crashed (segmentation fault, torch 2.14.1 CPU with jax 0.10.2), and separate processes also keep
+the two frameworks' thread pools from competing.
+
+  python benchmarks/torch_peer.py --batch_size=2 --crop=512 --steps=3 --warmup=1   # one JSON line
 """
+import argparse
 import importlib.util
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 
@@ -61,3 +70,26 @@ def time_steps(batch_size: int, crop: int, num_classes: int, *, steps: int, warm
       times.append(time.perf_counter() - started)
     result[name] = statistics.median(times)
   return result
+
+
+def run(batch_size: int, crop: int, num_classes: int, *, steps: int, warmup: int) -> dict[str, float]:
+  """time_steps in a fresh Python process."""
+  process = subprocess.run(
+      [sys.executable, __file__, f'--batch_size={batch_size}', f'--crop={crop}', f'--num_classes={num_classes}',
+       f'--steps={steps}', f'--warmup={warmup}'], capture_output=True, text=True, check=True)
+  return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch_size', type=int, default=2)
+  parser.add_argument('--crop', type=int, default=512)
+  parser.add_argument('--num_classes', type=int, default=21)
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--warmup', type=int, default=1)
+  args = parser.parse_args()
+  print(json.dumps(time_steps(args.batch_size, args.crop, args.num_classes, steps=args.steps, warmup=args.warmup)))
+
+
+if __name__ == '__main__':
+  main()

@@ -38,7 +38,7 @@ from configs import default  # noqa: E402
 from dunet_jax import sharding, throughput, train, train_state  # noqa: E402
 from dunet_jax.data import IGNORE_LABEL  # noqa: E402
 
-import torch_peer  # noqa: E402  (benchmarks/torch_peer.py: imports torch only when asked)
+import torch_peer  # noqa: E402  (benchmarks/torch_peer.py: runs torch in a process of its own)
 
 # Model overrides of configs/default.py per preset.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -65,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--matmul_size', type=int, default=2048,
                       help='n of the n x n x n float32 reference matmul (0 = skip it)')
   parser.add_argument('--matmul_repeats', type=int, default=10, help='the reference matmul\'s best of N')
-  parser.add_argument('--torch', default='auto', choices=['auto', 'no'],
-                      help='auto: time the PyTorch peer on CPU when torch and torchvision import (batch >= 2)')
+  parser.add_argument('--torch', default='auto', choices=['auto', 'yes', 'no'],
+                      help='time the PyTorch peer (DeepLabV3-R50-OS16, always on CPU); auto: for r50_os16 '
+                           'on CPU when torch and torchvision are installed (batch >= 2: ASPP pooling BN)')
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.crop < 32:
     parser.error('need --steps >= 1, --warmup >= 0, --batch_size >= 1 and --crop >= 32')
@@ -167,9 +168,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
       'fraction_of_matmul': achieved / (matmul_flops / reference['wall_s']),
       'fraction_of_matmul_cpu_time': (flops_per_step / step_cpu) / (matmul_flops / reference['cpu_s']),
       'step_cpu_s': step_cpu, 'matmul_cpu_s': reference['cpu_s']})
-  if device.platform == 'cpu' and args.torch == 'auto' and args.batch_size >= 2 and torch_peer.available():
-    for name, peer in torch_peer.time_steps(args.batch_size, args.crop, config.data.num_classes,
-                                            steps=args.steps, warmup=args.warmup).items():
+  if args.torch == 'yes' or (args.torch == 'auto' and device.platform == 'cpu' and args.preset == 'r50_os16'
+                             and args.batch_size >= 2 and torch_peer.available()):
+    for name, peer in torch_peer.run(args.batch_size, args.crop, config.data.num_classes,
+                                     steps=args.steps, warmup=args.warmup).items():
       result[f'torch_{name}_step_time_s'] = peer
       result[f'dunet_over_torch_{name}'] = step_time / peer
   return result
