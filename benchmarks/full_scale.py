@@ -1,6 +1,6 @@
 """Full scale on real VOC geometry: builder, training pipeline, memory and full evaluation; one JSON line.
 
-  python benchmarks/full_scale.py               # all 12,031 real label maps (about an hour on 2 cores)
+  python benchmarks/full_scale.py               # all 12,031 real label maps
   python benchmarks/full_scale.py --maps=120    # the same, end to end on ~120 maps (a few minutes)
 
 Paints the VOC-shaped dataset on the real label maps of ../shared/data/voc2012_labels
@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help='archives, built dataset and decoded copy go here (emptied first)')
   parser.add_argument('--seconds', type=float, default=30.0, help='time per throughput measurement')
   parser.add_argument('--processes', type=int, default=4, help='processes of the memory comparison')
+  parser.add_argument('--eval_split', default='val',
+                      help="split evaluated (e.g. 'val[:200]' for a shorter multi-scale run)")
   parser.add_argument('--keep', action='store_true', help='keep --workdir afterwards')
   parser.add_argument('--phase', default='', help=argparse.SUPPRESS)  # internal: one phase's process
   parser.add_argument('--index', type=int, default=0, help=argparse.SUPPRESS)
@@ -150,8 +152,8 @@ def phase_eval(args) -> dict:
   evaluate.evaluate_model(model, config, mesh, builder, split='val[:1]', scales=scales,
                           flip=args.multiscale)
   started = time.perf_counter()
-  result = evaluate.evaluate_model(model, config, mesh, builder, split='val', scales=scales,
-                                   flip=args.multiscale)
+  result = evaluate.evaluate_model(model, config, mesh, builder, split=args.eval_split,
+                                   scales=scales, flip=args.multiscale)
   seconds = time.perf_counter() - started
   return {'images': result['num_images'], 'seconds': seconds,
           's_per_image': seconds / result['num_images'], 'peak_rss_gib': peak_rss_gib(),
@@ -166,7 +168,8 @@ PHASES = {'prepare': phase_prepare, 'start': phase_start, 'train': phase_train,
 
 def phase_command(args, phase: str, **extra) -> list[str]:
   command = [sys.executable, __file__, f'--phase={phase}', f'--labels_dir={args.labels_dir}',
-             f'--maps={args.maps}', f'--workdir={args.workdir}', f'--seconds={args.seconds}']
+             f'--maps={args.maps}', f'--workdir={args.workdir}', f'--seconds={args.seconds}',
+             f'--eval_split={args.eval_split}']
   return command + [f'--{key}={value}' if value is not True else f'--{key}'
                     for key, value in extra.items()]
 

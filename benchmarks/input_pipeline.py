@@ -6,11 +6,13 @@
 Builds a VOC-layout dataset from the six real VOC JPEGs (about 500x375) and their real labels in
 ../shared/data/voc2012_labels, replicated, with the project's voc_segmentation builder, then times
 in the same run: plain JPEG decoding of those files (tf.data, one thread), and the full training
-pipeline (decode image, random scale, pad, crop, flip; labels are decoded once when it starts)
+pipeline (decode image, random scale, pad, crop, flip; labels are decoded once, into the split's
+shared decoded copy)
 with tf.data limited to one thread and with all cores. Rates are given per second of wall time
 and per second of process CPU time; the second is much less disturbed by other processes on a
 shared machine. `train_start_s_*` is the time from calling pipeline.train_batches to its first
-batch (it grows with the split: every label is decoded then).
+batch: the one-thread run starts first and builds the shared copy (it grows with the split: every
+label is decoded then), the all-cores run maps it.
 
 Host cores needed = batch_size / step_time / (training images per second on one core). Without
 --step_time the step time is estimated as 3 x forward FLOPs (XLA cost analysis of DUNet with
