@@ -396,26 +396,27 @@ def _reference_batches(builder, data_config, *, split: str, global_batch_size: i
   return batches
 
 
-def _label_mapping(pid: int) -> dict:
-  """The mapping of the shared labels file in /proc/<pid>/smaps: path, device, inode and page counts."""
-  found = None
+def _label_mapping(pid: int, folder: pathlib.Path) -> dict:
+  """The live mapping of a shared labels file below `folder` in /proc/<pid>/smaps: path, device,
+  inode and its page counts (other tests' mappings, and those of deleted copies, are skipped)."""
+  mapping = found = None
   for line in pathlib.Path(f'/proc/{pid}/smaps').read_text().splitlines():
     fields = line.split()
     if '-' in fields[0] and len(fields) >= 5 and ':' in fields[3]:  # a mapping's header line
-      path = fields[5] if len(fields) > 5 else ''
-      found = ({'path': path, 'device': fields[3], 'inode': fields[4]}
-               if path.endswith(shared_split.LABELS_FILE) else None)
-      if found:
-        mapping = found
+      live = (len(fields) == 6 and fields[5].startswith(f'{folder}/')
+              and fields[5].endswith(shared_split.LABELS_FILE))
+      found = {'path': fields[5], 'device': fields[3], 'inode': fields[4]} if live else None
+      mapping = found or mapping
     elif found is not None and fields[0].endswith(':') and fields[-1] == 'kB':
       found[fields[0][:-1]] = int(fields[1])
+  assert mapping is not None, f'process {pid} maps no shared labels file'
   return mapping
 
 
 def test_processes_on_one_host_share_one_decoded_copy_and_batches_are_unchanged(synthetic, tmp_path):
-  """Two processes started together: one builds the copy, both map the same labels file (its pages
-  shared, none copied), and their rows are the single-process batches, which equal the in-memory
-  reference's byte for byte."""
+  """This process and another, started together: one builds the copy, both map the same labels
+  file (its pages shared, none copied); the other's two process slices make up this process's
+  batches, which equal the in-memory reference's byte for byte."""
   import shutil
   import subprocess
   import sys
@@ -423,40 +424,40 @@ def test_processes_on_one_host_share_one_decoded_copy_and_batches_are_unchanged(
   shutil.rmtree(pathlib.Path(builder.data_dir) / 'decoded', ignore_errors=True)
   steps = 6  # two epochs of the 12 examples
   repo_root = pathlib.Path(__file__).resolve().parents[1]
-  processes = [subprocess.Popen(
+  other = subprocess.Popen(
       [sys.executable, str(repo_root / 'tests' / 'shared_split_process.py'), config.manual_dir,
-       config.tfds_data_dir, str(index), '2', str(steps), str(tmp_path / f'{index}.npz')],
+       config.tfds_data_dir, str(steps), str(tmp_path / 'other.npz')],
       env={**os.environ, 'PYTHONPATH': str(repo_root)}, stdin=subprocess.PIPE,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
-    for process in processes:
-      output = []
-      while not output or output[-1].strip() != 'ready':
-        output.append(process.stdout.readline())
-        assert output[-1] or process.poll() is None, ''.join(output)[-3000:]
-    mappings = [_label_mapping(process.pid) for process in processes]
+    batches = pipeline.train_batches(builder, config, split='train', global_batch_size=4, seed=7)
+    single = _take(batches, steps)
+    output = []
+    while not output or output[-1].strip() != 'ready':
+      output.append(other.stdout.readline())
+      assert output[-1] or other.poll() is None, ''.join(output)[-3000:]
+    decoded = pathlib.Path(builder.data_dir) / 'decoded'
+    mappings = [_label_mapping(pid, decoded) for pid in (os.getpid(), other.pid)]
   finally:
-    for process in processes:
-      process.stdin.close()
-      process.wait(timeout=60)
+    other.stdin.close()
+    other.wait(timeout=60)
   assert mappings[0]['path'] == mappings[1]['path']
   assert (mappings[0]['device'], mappings[0]['inode']) == (mappings[1]['device'], mappings[1]['inode'])
   for mapping in mappings:
     shared = mapping['Shared_Clean'] + mapping['Shared_Dirty']  # page-cache pages (dirty: not yet on disk)
     assert mapping['Rss'] > 0 and shared == mapping['Rss'], mappings  # every mapped page in both
     assert mapping['Private_Dirty'] == mapping['Anonymous'] == 0, mappings  # never copied
-  copies = sorted(path.name for path in (pathlib.Path(builder.data_dir) / 'decoded').iterdir())
+  copies = sorted(path.name for path in decoded.iterdir())
   assert [name for name in copies if not name.endswith('.lock')] == [pathlib.Path(mappings[0]['path']).parent.name]
 
-  single = _take(pipeline.train_batches(builder, config, split='train', global_batch_size=4,
-                                        seed=7), steps)
-  shares = [np.load(tmp_path / f'{index}.npz') for index in range(2)]
+  shares = np.load(tmp_path / 'other.npz')
   reference = _reference_batches(builder, config, split='train', global_batch_size=4, seed=7,
                                  steps=steps)
   for step in range(steps):
     for key in ('image', 'label'):
-      rows = np.concatenate([shares[0][key][step], shares[1][key][step]])
+      rows = np.concatenate([shares[f'{key}_0'][step], shares[f'{key}_1'][step]])
       assert rows.tobytes() == single[step][key].tobytes() == reference[step][key].tobytes()
+  del batches
 
 
 def test_context_59_class_labels_ignore_background():

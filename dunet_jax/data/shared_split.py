@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 
@@ -84,7 +85,7 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, decode_label: Labe
   with open(directory.parent / f'{directory.name}.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
     if _source(directory) != source:
-      building = directory.parent / f'{directory.name}.building-{os.getpid()}'
+      building = directory.parent / f'{directory.name}.building-{_process_name()}'
       shutil.rmtree(building, ignore_errors=True)
       dataset = builder.as_dataset(split=split, shuffle_files=False,
                                    decoders={'image': tfds.decode.SkipDecoding(),
@@ -94,7 +95,7 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, decode_label: Labe
             num_threads=num_threads)
       (building / SOURCE_FILE).write_text(json.dumps(source))
       if directory.exists():  # stale: processes that still map it keep their open files
-        stale = directory.parent / f'{directory.name}.stale-{os.getpid()}'
+        stale = directory.parent / f'{directory.name}.stale-{_process_name()}'
         directory.rename(stale)
         shutil.rmtree(stale)
       building.rename(directory)
@@ -182,6 +183,11 @@ def _op_error_text(error: tf.errors.OpError) -> str:
   """The op's own words: without TensorFlow's function-node prefix and op suffix."""
   text = re.sub(r'\{\{function_node [^}]*\}\}', '', error.message.strip().splitlines()[0])
   return re.sub(r'\s*\[Op:.*$', '', text).strip()
+
+
+def _process_name() -> str:
+  """Unique among the processes of every host that may share the dataset folder."""
+  return f'{socket.gethostname()}-{os.getpid()}'
 
 
 def _source(directory: epath.Path) -> dict | None:
