@@ -305,20 +305,21 @@ def estimate(config: ml_collections.ConfigDict, steps: CompiledSteps, *, mfu: fl
 
 
 def recommend_slice(result: dict[str, Any], tpu_slice: TpuSlice) -> str | None:
-  """The smallest power-of-two slice of this generation whose chips split the batch into whole
+  """The smallest slice of this generation Cloud TPU offers (v5e and v6e: 1, 4, 8, 16, ... chips;
+  v4 and v5p: 4, 8, 16, ...) whose chips split the batch into whole
   images and whose memory, extrapolated from this compile (temporaries in proportion to the images
   per chip, the rest per chip as it is), stays under 90% of HBM: compute-bound chip-hours are about
   the same on any slice, and a smaller one spends less of each step in collectives."""
   memory = result['train_memory']
   fixed = memory['total_bytes'] - memory['temp_bytes']
   temp_per_image = memory['temp_bytes'] / result['images_per_chip']
-  cores = GENERATIONS[tpu_slice.generation].cores_per_chip
-  chips = 1
+  generation = GENERATIONS[tpu_slice.generation]
+  chips = 1 if generation.grid_dims == 2 else 4
   while chips <= result['batch_size']:
     if result['batch_size'] % chips == 0 and (
         fixed + temp_per_image * result['batch_size'] / chips <= 0.9 * result['hbm_bytes_per_chip']):
-      return f'{tpu_slice.generation}-{chips * cores}'
-    chips *= 2
+      return f'{tpu_slice.generation}-{chips * generation.cores_per_chip}'
+    chips = 4 if chips == 1 else 2 * chips
   return None
 
 

@@ -130,6 +130,15 @@ def test_memory_grows_with_the_batch(steps):
   assert larger['argument_bytes'] - smaller['argument_bytes'] >= image_bytes
 
 
+@pytest.mark.parametrize('name, hbm_gib, expected', [
+    ('v5e-16', 16, 'v5e-4'), ('v4-32', 32, 'v4-8'), ('v6e-16', 32, 'v6e-4'), ('v5e-16', 4, 'v5e-16'), ('v5e-16', 2, None)])
+def test_recommended_slice_is_the_smallest_offered_that_fits(name, hbm_gib, expected):
+  """1 GiB per chip besides 2 GiB of temporaries per image, batch 16: 33 GiB on one chip, 9 on four."""
+  result = {'train_memory': {'total_bytes': 9 * GIB, 'temp_bytes': 8 * GIB}, 'images_per_chip': 4,
+            'batch_size': 16, 'hbm_bytes_per_chip': hbm_gib * GIB}
+  assert compile_check.recommend_slice(result, compile_check.parse_slice(name)) == expected
+
+
 def test_hlo_collective_parser_on_known_lines():
   text = '''
   %all-reduce.1 = f32[64]{0} all-reduce(f32[64]{0} %x), replica_groups={{0,1,2,3}}, to_apply=%add
