@@ -18,6 +18,13 @@ C' = 64 but 99.0 with C' = 128 (VOC: 99.7 already with 64).
 import ml_collections
 
 from configs import default
+from dunet_jax.data import synthetic
+
+
+def eval_pad_size(output_stride: int) -> int:
+  """data.eval_pad_size for the built-in data: its largest image side, rounded up to a multiple of
+  the output stride (the size the model computes at anyway)."""
+  return -(-synthetic.MAX_SIDE // output_stride) * output_stride
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,7 +41,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.crop_size = 128
   data.min_scale = 0.75
   data.max_scale = 1.5
-  data.eval_pad_size = 160
 
   model = config.model
   model.depth = 0
@@ -42,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.base_width = 16
   model.stem = 'deep'
   model.output_stride = 16
+  data.eval_pad_size = eval_pad_size(model.output_stride)
   model.decoder = 'dupsample'
   model.aspp = False
   model.fuse_features = ('b1u1c3',)

@@ -40,9 +40,12 @@ C' (model.num_components, not stated in the paper) per preset, from the FLOPs an
     with 64, reconstructing ground truth alone loses 1.5 mIoU, more than the 1.0 that separates
     Table 1's DUpsample rows at OS32 and OS16; 128 loses 0.5.
 """
+import re
+
 import ml_collections
 
 from configs import default
+from configs import synthetic
 
 FUSIONS = {
     'conv1_3': ('conv1_3',), 'b1u2c3': ('b1u2c3',), 'b3u6c3': ('b3u6c3',),
@@ -90,9 +93,21 @@ def num_components(backbone: str, output_stride: int) -> int:
   return 128 if BACKBONES[backbone][0] == 'xception' or output_stride == 32 else 64
 
 
+def _units_needed(fuse_features: tuple[str, ...], prefix: str, num_stages: int) -> tuple[int, ...]:
+  """Fewest units per stage that still provide every fused `<prefix><stage>u<unit>[c<conv>]` layer."""
+  units = [1] * num_stages
+  for name in fuse_features:
+    match = re.fullmatch(prefix + r'(\d+)u(\d+)(c\d+)?', name)
+    if match:
+      stage = int(match[1]) - 1
+      units[stage] = max(units[stage], int(match[2]))
+  return tuple(units)
+
+
 def _tiny(config: ml_collections.ConfigDict) -> None:
-  """Seconds-long CPU variant on the built-in synthetic data; the fused layer names still exist
-  (ResNet stages of 2, 1, 6, 1 units; Xception's 16 middle-flow units only when mfb1u16c3 is fused)."""
+  """Seconds-long CPU variant on the built-in synthetic data. Each stage keeps only the units the
+  preset fuses (one otherwise), so the fused layer names still exist; Xception's entry and exit
+  flows keep their blocks."""
   data, model, train = config.data, config.model, config.train
   data.synthetic = True
   data.manual_dir = '/tmp/dunet_jax_data/synthetic_tiny/manual'
@@ -104,12 +119,12 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   data.crop_size = 64
   data.min_scale = 0.75
   data.max_scale = 1.5
-  data.eval_pad_size = 96
+  data.eval_pad_size = synthetic.eval_pad_size(model.output_stride)
   model.base_width = 8
   if model.backbone == 'resnet':
-    model.stage_blocks = (2, 1, 6, 1)
+    model.stage_blocks = _units_needed(model.fuse_features, 'b', 4)
   else:
-    model.stage_blocks = (16,) if any(name.startswith('mfb1u16') for name in model.fuse_features) else (2,)
+    model.stage_blocks = _units_needed(model.fuse_features, 'mfb', 1)
   model.depth = 0 if model.backbone == 'resnet' else model.depth
   model.aspp_channels = 16
   model.fuse_channels = 8

@@ -15,16 +15,16 @@ The output is an uncompressed `.npz` keyed by our parameter paths joined with '/
 `__arch__` and `__source__` and the input convention the source was trained with (mean, std,
 channel order, pixel range: `pretrained.InputConvention`), which loading checks against the config.
 """
+from dunet_jax import cli  # first: prepares the process before TensorFlow and jax load
+
 import dataclasses
 import functools
 import inspect
 import pathlib
 import re
-import sys
 
 import ml_collections
 import numpy as np
-from absl import app
 from absl import flags
 from flax import nnx
 
@@ -248,23 +248,20 @@ def convert_file(source: str, arch_name: str, output: str) -> dict[str, int]:
   return {'read': len(state_dict), 'mapped': len(arrays), 'dropped': len(dropped)}
 
 
-FLAGS = flags.FLAGS
-
-
-def main(argv: list[str]) -> None:
-  del argv
-  try:
-    convert_file(FLAGS.source, FLAGS.arch, FLAGS.output)
-  except (ConversionError, FileNotFoundError) as error:
-    sys.exit(f'convert_weights: {error}')
-
-
-if __name__ == '__main__':
+def define_flags(options: flags.FlagValues) -> None:
   flags.DEFINE_string('source', None, 'PyTorch state dict: .safetensors, or .pth when torch is installed.',
-                      required=True)
+                      required=True, flag_values=options)
   flags.DEFINE_enum('arch', None, list(ARCHS),
                     'Architecture of --source. '
                     + '; '.join(f'{name}: {arch.published}' for name, arch in ARCHS.items()),
-                    required=True)
-  flags.DEFINE_string('output', None, '.npz to write (point config.model.pretrained at it).', required=True)
-  app.run(main)
+                    required=True, flag_values=options)
+  flags.DEFINE_string('output', None, '.npz to write (point config.model.pretrained at it).', required=True,
+                      flag_values=options)
+
+
+def main(options: flags.FlagValues) -> None:
+  convert_file(options.source, options.arch, options.output)
+
+
+if __name__ == '__main__':
+  cli.run(main, define_flags)

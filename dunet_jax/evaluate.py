@@ -14,17 +14,17 @@ With --save_predictions=DIR (local or gs://...) it also writes DIR/<image id>.pn
 of the split: the prediction at the image's original size as a palette PNG of class ids in the
 VOC colours, the format the VOC evaluation server takes and `python -m dunet_jax.score` scores.
 """
+from dunet_jax import cli  # first: prepares the process before TensorFlow and jax load
+
 import functools
 import json
 import pathlib
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
@@ -200,33 +200,26 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, config_overrides: dict[str,
   return result, path
 
 
-def define_flags() -> None:
-  """Flags of the CLI, defined only when run as a program so importing this module adds none."""
-  from configs import default
-  from ml_collections import config_flags
+def define_flags(options: flags.FlagValues) -> None:
   flags.DEFINE_string('workdir', None, 'Training run directory (holds config.json, checkpoints/).',
-                      required=True)
-  flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the newest).')
-  flags.DEFINE_string('split', None, 'Split to evaluate (default: the run\'s data.eval_split).')
-  flags.DEFINE_bool('multiscale', False, f'Scales {inference.MULTISCALE_SCALES} plus horizontal flip.')
+                      required=True, flag_values=options)
+  flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the newest).', flag_values=options)
+  flags.DEFINE_string('split', None, 'Split to evaluate (default: the run\'s data.eval_split).',
+                      flag_values=options)
+  flags.DEFINE_bool('multiscale', False, f'Scales {inference.MULTISCALE_SCALES} plus horizontal flip.',
+                    flag_values=options)
   flags.DEFINE_string('save_predictions', None, 'Folder (local or gs://) for one palette PNG of class ids '
-                      'per image, <image id>.png at its original size (the VOC server format).')
-  config_flags.DEFINE_config_dict('config', default.get_config(),
-                                  'Overrides of the run\'s recorded config, e.g. --config.eval.flip=True.')
+                      'per image, <image id>.png at its original size (the VOC server format).',
+                      flag_values=options)
 
 
-def main(argv: list[str]) -> None:
-  del argv
+def main(options: flags.FlagValues) -> None:
   from ml_collections import config_flags
-  options = flags.FLAGS
   overrides = dict(config_flags.get_override_values(options['config']))
   if options.multiscale:
     overrides.update({'eval.scales': inference.MULTISCALE_SCALES, 'eval.flip': True})
-  try:
-    result, path = evaluate_checkpoint(options.workdir, overrides, step=options.step, split=options.split,
-                                       save_predictions=options.save_predictions)
-  except (FileNotFoundError, ValueError) as error:
-    sys.exit(f'error: {error}')
+  result, path = evaluate_checkpoint(options.workdir, overrides, step=options.step, split=options.split,
+                                     save_predictions=options.save_predictions)
   config = checkpoint.load_config(options.workdir)
   print(f'{options.workdir} step {json.loads(path.read_text())["step"]}, {result["split"]}: {result["num_images"]} images, scales {result["scales"]}, '
         f'flip {result["flip"]}, sliding window {result["sliding_window"]}')
@@ -236,5 +229,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, config='overrides', join=True)

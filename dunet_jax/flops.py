@@ -8,15 +8,16 @@ stride, so 513 is measured at 528 (33 x 33 at stride 16, but 132 x 132 rather th
 stride 4); pass --size=512 for a size that needs no padding. The decoder is total - backbone -
 ASPP: what the paper's Tables 2 and 3 call decoder FLOPs (its DUpsample decoder sits after ASPP).
 """
+from dunet_jax import cli  # first: prepares the process before TensorFlow and jax load
+
 import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
 from dunet_jax.models.dunet import DUNet
 
@@ -97,17 +98,13 @@ def measure_decoder(model_config: ml_collections.ConfigDict, num_classes: int, s
   return float(analysis['flops']) / 1e9
 
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/voc.py:r50_os16.',
-                                lock_config=True)
-flags.DEFINE_integer('size', 0, 'Square input size; 0 = the config\'s data.crop_size.')
+def define_flags(options: flags.FlagValues) -> None:
+  flags.DEFINE_integer('size', 0, 'Square input size; 0 = the config\'s data.crop_size.', flag_values=options)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  config = FLAGS.config
-  cost = measure(config.model, config.data.num_classes, FLAGS.size or config.data.crop_size)
+def main(options: flags.FlagValues) -> None:
+  config = options.config
+  cost = measure(config.model, config.data.num_classes, options.size or config.data.crop_size)
   print(f'input {cost.size}x{cost.size}, GFLOPs = 2 x multiply-adds (XLA cost analysis)')
   print(f'{"part":<10}{"GFLOPs":>10}{"params":>14}')
   for part in ('backbone', 'aspp', 'decoder', 'total'):
@@ -116,5 +113,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main, define_flags, config='file')

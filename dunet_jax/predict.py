@@ -7,12 +7,12 @@ For each image writes DIR/<stem>.png, a palette PNG whose pixel values are class
 colour map makes it viewable; `dunet_jax.score` reads it back), and DIR/<stem>_overlay.jpg, the
 prediction blended over the image. Images of any size are predicted at their own resolution.
 """
+from dunet_jax import cli  # first: prepares the process before TensorFlow and jax load
+
 import pathlib
-import sys
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app
 from absl import flags
 from PIL import Image
 from tqdm import tqdm
@@ -78,37 +78,32 @@ def predict_files(predictor: inference.Predictor, images: Sequence[pathlib.Path]
   return errors
 
 
-def define_flags() -> None:
-  """Flags of the CLI, defined only when run as a program so importing this module adds none."""
+def define_flags(options: flags.FlagValues) -> None:
   flags.DEFINE_string('workdir', None, 'Training run directory (or <run>/checkpoints/<step>).',
-                      required=True)
-  flags.DEFINE_string('input', None, 'An image file or a folder of images.', required=True)
-  flags.DEFINE_string('output', None, 'Folder for <stem>.png and <stem>_overlay.jpg.', required=True)
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
-  flags.DEFINE_bool('multiscale', False, f'Average scales {inference.MULTISCALE_SCALES} (with --flip).')
-  flags.DEFINE_bool('flip', False, 'Also average the mirrored image\'s probabilities.')
+                      required=True, flag_values=options)
+  flags.DEFINE_string('input', None, 'An image file or a folder of images.', required=True, flag_values=options)
+  flags.DEFINE_string('output', None, 'Folder for <stem>.png and <stem>_overlay.jpg.', required=True,
+                      flag_values=options)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).', flag_values=options)
+  flags.DEFINE_bool('multiscale', False, f'Average scales {inference.MULTISCALE_SCALES} (with --flip).',
+                    flag_values=options)
+  flags.DEFINE_bool('flip', False, 'Also average the mirrored image\'s probabilities.', flag_values=options)
   flags.DEFINE_bool('sliding_window', None, 'Predict large images in crop-sized windows '
-                    '(default: the run\'s eval.sliding_window).')
-  flags.DEFINE_float('alpha', 0.5, 'Opacity of the colours in the overlay.')
+                    '(default: the run\'s eval.sliding_window).', flag_values=options)
+  flags.DEFINE_float('alpha', 0.5, 'Opacity of the colours in the overlay.', flag_values=options)
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  options = flags.FLAGS
-  try:
-    images = list_images(options.input)
-    predictor = inference.load(
-        options.workdir, step=options.step, flip=options.flip or options.multiscale,
-        scales=inference.MULTISCALE_SCALES if options.multiscale else (1.0,),
-        sliding_window=options.sliding_window)
-  except (FileNotFoundError, ValueError) as error:
-    sys.exit(f'error: {error}')
+def main(options: flags.FlagValues) -> None:
+  images = list_images(options.input)
+  predictor = inference.load(
+      options.workdir, step=options.step, flip=options.flip or options.multiscale,
+      scales=inference.MULTISCALE_SCALES if options.multiscale else (1.0,),
+      sliding_window=options.sliding_window)
   errors = predict_files(predictor, images, options.output, options.alpha)
   print(f'wrote {len(images) - len(errors)} label maps and overlays to {options.output}')
   if errors:
-    sys.exit('error: ' + '\n'.join(errors))
+    raise ValueError('\n'.join(errors))
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, join=True)

@@ -8,12 +8,12 @@ images (void pixels skipped) and IoU is computed once from it, so the numbers eq
 the VOC devkit and of `dunet_jax.evaluate`. The matrix is accumulated in numpy: label maps come
 in hundreds of sizes, and a jitted bincount would recompile for each of them.
 """
+from dunet_jax import cli  # first: prepares the process before TensorFlow and jax load
+
 import json
 import math
 import pathlib
-import sys
 
-from absl import app
 from absl import flags
 import numpy as np
 from PIL import Image
@@ -154,28 +154,22 @@ def _read_list(path: str) -> list[str]:
   return [pathlib.PurePath(stem).stem for stem in stems]
 
 
-def define_flags() -> None:
-  """Flags of the CLI, defined only when run as a program so importing this module adds none."""
-  flags.DEFINE_string('pred_dir', None, 'Folder of predicted label PNGs (class ids).', required=True)
-  flags.DEFINE_string('label_dir', None, 'Folder of ground-truth label PNGs.', required=True)
-  flags.DEFINE_integer('num_classes', 21, 'Number of classes (VOC: 21).')
-  flags.DEFINE_integer('ignore_label', 255, 'Label value that is never scored.')
-  flags.DEFINE_string('list', None, 'Optional text file of stems to score, one per line.')
+def define_flags(options: flags.FlagValues) -> None:
+  flags.DEFINE_string('pred_dir', None, 'Folder of predicted label PNGs (class ids).', required=True,
+                      flag_values=options)
+  flags.DEFINE_string('label_dir', None, 'Folder of ground-truth label PNGs.', required=True, flag_values=options)
+  flags.DEFINE_integer('num_classes', 21, 'Number of classes (VOC: 21).', flag_values=options)
+  flags.DEFINE_integer('ignore_label', 255, 'Label value that is never scored.', flag_values=options)
+  flags.DEFINE_string('list', None, 'Optional text file of stems to score, one per line.', flag_values=options)
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  options = flags.FLAGS
-  try:
-    stems = _read_list(options.list) if options.list else None
-    pairs = matched_pairs(pathlib.Path(options.pred_dir), pathlib.Path(options.label_dir), stems)
-    _, result = score_pairs(pairs, options.num_classes, options.ignore_label)
-  except ScoreError as error:
-    sys.exit(f'error: {error}')
+def main(options: flags.FlagValues) -> None:
+  stems = _read_list(options.list) if options.list else None
+  pairs = matched_pairs(pathlib.Path(options.pred_dir), pathlib.Path(options.label_dir), stems)
+  _, result = score_pairs(pairs, options.num_classes, options.ignore_label)
   print(metrics.format_table(result, class_names(options.num_classes)))
   print(json.dumps(json_ready(result)))
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -22,6 +22,8 @@ Scores are one confusion matrix over the split (dunet_jax.metrics): mIoU and pix
 reconstruction error is the mean over windows (with a non-void pixel) of ||v - W W^T v||^2, on val
 (from the codes) and train (from the second moment). Prints a table, then one JSON line.
 """
+from dunet_jax import cli  # first: prepares the process before TensorFlow and jax load
+
 import dataclasses
 import functools
 import json
@@ -32,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
@@ -43,22 +44,6 @@ from dunet_jax import reconstruction
 from dunet_jax.data import IGNORE_LABEL, label_files
 from dunet_jax.models.dupsample import depth_to_space
 from dunet_jax.reconstruction import windows
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string('label_dir', None, 'Folder of <id>.png label maps (class ids, 255 = void).')
-flags.DEFINE_string('train_list', None, 'Ids W is fitted on, one per line.')
-flags.DEFINE_string('val_list', None, 'Ids scored, one per line.')
-flags.DEFINE_list('ratio', ['16'], 'Output strides r (comma-separated).')
-flags.DEFINE_list('num_components', ['64'], "C' values (comma-separated).")
-flags.DEFINE_integer('num_classes', 21, 'Classes C (labels 0..C-1; 255 is void).')
-flags.DEFINE_enum('downsample', 'both', ['area', 'bilinear', 'both'], 'Bilinear baseline downsampling.')
-flags.DEFINE_enum('solver', 'auto', ['auto', 'exact', 'randomized'], 'Eigen solver for W.')
-flags.DEFINE_integer('max_train', 0, 'Use only the first N train ids (0: all).')
-flags.DEFINE_integer('max_val', 0, 'Use only the first N val ids (0: all).')
-flags.DEFINE_integer('batch_size', 8, 'Val maps scored per step.')
-flags.DEFINE_integer('sgd_maps', 0, 'Also fit P and W by SGD on the first N train maps (0: skip).')
-flags.DEFINE_integer('sgd_components', 64, "C' of the SGD comparison.")
-flags.DEFINE_integer('sgd_steps', 2000, 'Adam steps of the SGD fit (1024 windows each).')
 
 METHODS = {'area': 'bilinear_area', 'bilinear': 'bilinear_sampling'}
 
@@ -330,24 +315,40 @@ def format_table(report: dict) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  for name in ('label_dir', 'train_list', 'val_list'):
-    if not getattr(FLAGS, name):
-      raise app.UsageError(f'--{name} is required.')
-  train_ids = label_files.read_ids(FLAGS.train_list)
-  val_ids = label_files.read_ids(FLAGS.val_list)
-  train_ids = train_ids[:FLAGS.max_train] if FLAGS.max_train else train_ids
-  val_ids = val_ids[:FLAGS.max_val] if FLAGS.max_val else val_ids
-  label_files.check_files(FLAGS.label_dir, train_ids + val_ids)
-  downsamples = ('area', 'bilinear') if FLAGS.downsample == 'both' else (FLAGS.downsample,)
-  report = run(FLAGS.label_dir, train_ids, val_ids, ratios=[int(r) for r in FLAGS.ratio],
-               components=[int(c) for c in FLAGS.num_components], num_classes=FLAGS.num_classes,
-               downsamples=downsamples, solver=FLAGS.solver, batch_size=FLAGS.batch_size,
-               sgd_maps=FLAGS.sgd_maps, sgd_components=FLAGS.sgd_components, sgd_steps=FLAGS.sgd_steps)
+def define_flags(options: flags.FlagValues) -> None:
+  flags.DEFINE_string('label_dir', None, 'Folder of <id>.png label maps (class ids, 255 = void).', required=True,
+                      flag_values=options)
+  flags.DEFINE_string('train_list', None, 'Ids W is fitted on, one per line.', required=True, flag_values=options)
+  flags.DEFINE_string('val_list', None, 'Ids scored, one per line.', required=True, flag_values=options)
+  flags.DEFINE_list('ratio', ['16'], 'Output strides r (comma-separated).', flag_values=options)
+  flags.DEFINE_list('num_components', ['64'], "C' values (comma-separated).", flag_values=options)
+  flags.DEFINE_integer('num_classes', 21, 'Classes C (labels 0..C-1; 255 is void).', flag_values=options)
+  flags.DEFINE_enum('downsample', 'both', ['area', 'bilinear', 'both'], 'Bilinear baseline downsampling.',
+                    flag_values=options)
+  flags.DEFINE_enum('solver', 'auto', ['auto', 'exact', 'randomized'], 'Eigen solver for W.', flag_values=options)
+  flags.DEFINE_integer('max_train', 0, 'Use only the first N train ids (0: all).', flag_values=options)
+  flags.DEFINE_integer('max_val', 0, 'Use only the first N val ids (0: all).', flag_values=options)
+  flags.DEFINE_integer('batch_size', 8, 'Val maps scored per step.', flag_values=options)
+  flags.DEFINE_integer('sgd_maps', 0, 'Also fit P and W by SGD on the first N train maps (0: skip).',
+                       flag_values=options)
+  flags.DEFINE_integer('sgd_components', 64, "C' of the SGD comparison.", flag_values=options)
+  flags.DEFINE_integer('sgd_steps', 2000, 'Adam steps of the SGD fit (1024 windows each).', flag_values=options)
+
+
+def main(options: flags.FlagValues) -> None:
+  train_ids = label_files.read_ids(options.train_list)
+  val_ids = label_files.read_ids(options.val_list)
+  train_ids = train_ids[:options.max_train] if options.max_train else train_ids
+  val_ids = val_ids[:options.max_val] if options.max_val else val_ids
+  label_files.check_files(options.label_dir, train_ids + val_ids)
+  downsamples = ('area', 'bilinear') if options.downsample == 'both' else (options.downsample,)
+  report = run(options.label_dir, train_ids, val_ids, ratios=[int(r) for r in options.ratio],
+               components=[int(c) for c in options.num_components], num_classes=options.num_classes,
+               downsamples=downsamples, solver=options.solver, batch_size=options.batch_size,
+               sgd_maps=options.sgd_maps, sgd_components=options.sgd_components, sgd_steps=options.sgd_steps)
   print(format_table(report))
   print(json.dumps(report))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, define_flags)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from dunet_jax import upper_bound
+from dunet_jax import cli, upper_bound
 from dunet_jax.data import label_files
 
 
@@ -73,9 +73,9 @@ def test_dupsample_with_all_components_is_lossless_and_padding_is_not_scored(tin
 
 def test_cli_prints_a_table_and_one_json_line(tiny_split, capsys):
   label_dir, train_list, val_list, _ = tiny_split
-  upper_bound.FLAGS(['upper_bound', f'--label_dir={label_dir}', f'--train_list={train_list}',
-                     f'--val_list={val_list}', '--ratio=8', '--num_components=16,64', '--solver=exact'])
-  upper_bound.main([])
+  cli.run(upper_bound.main, upper_bound.define_flags, argv=[
+      'upper_bound', f'--label_dir={label_dir}', f'--train_list={train_list}', f'--val_list={val_list}',
+      '--ratio=8', '--num_components=16,64', '--solver=exact'])
   lines = capsys.readouterr().out.strip().splitlines()
   report = json.loads(lines[-1])
   assert 'mIoU' in lines[-6] and 'bilinear_sampling' in lines[-2]

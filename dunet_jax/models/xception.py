@@ -220,14 +220,15 @@ class Xception(nnx.Module):
     stage_blocks = tuple(model_config.stage_blocks)
     if len(stage_blocks) > 1:
       raise ValueError(f'model.stage_blocks {stage_blocks}: for Xception give () or (middle_flow_units,)')
-    units, self._feature_info = plan(
+    units, feature_info = plan(
         model_config.depth, output_stride=model_config.output_stride, multi_grid=model_config.multi_grid,
         middle_units=stage_blocks[0] if stage_blocks else MIDDLE_FLOW_UNITS,
         base_width=model_config.base_width)
+    self._feature_info = tuple(feature_info.items())  # hashable: part of the NNX graph definition
     dtype = jnp.dtype(model_config.compute_dtype)
-    stem_width, stem_stride = self._feature_info['conv1_1']
+    stem_width, stem_stride = feature_info['conv1_1']
     self.conv1_1 = ConvBN(3, stem_width, 3, stride=stem_stride, relu=True, dtype=dtype, rngs=rngs)
-    self.conv1_2 = ConvBN(stem_width, self._feature_info['conv1_2'][0], 3, stride=1, relu=True, dtype=dtype,
+    self.conv1_2 = ConvBN(stem_width, feature_info['conv1_2'][0], 3, stride=1, relu=True, dtype=dtype,
                           rngs=rngs)
     self.units = nnx.Dict({unit.spec.name: XceptionUnit(unit.in_channels, unit.spec, stride=unit.stride,
                                                         dilations=unit.dilations, dtype=dtype, rngs=rngs)
