@@ -245,7 +245,7 @@ def run(main: Callable[[flags.FlagValues], Any], define_flags: Callable[[flags.F
   detected), as training and evaluation do.
   """
   argv = list(sys.argv if argv is None else argv)
-  doc = sys.modules[main.__module__].__doc__ or ''
+  doc = main.__globals__.get('__doc__') or ''
   options = parse(define_flags, argv, config=config, join=join, doc=doc)
   _quiet_logging()
   cpu_flags.apply()  # before jax creates its backends

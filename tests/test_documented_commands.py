@@ -6,8 +6,16 @@ PASCAL Context) and its `,tiny` variant a model; one `,tiny` preset per backbone
 two steps and evaluates on the built-in data; every tool answers --help and runs once on the run
 one of those trainings leaves.
 """
+import importlib
 import itertools
+import json
+import logging
+import pathlib
 import re
+import runpy
+import shutil
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -101,16 +109,133 @@ def builtin_data(tmp_path_factory):
   return data
 
 
+def tiny_overrides(builtin_data) -> list[str]:
+  """The --config overrides that point a `,tiny` preset at the shared data and train two steps."""
+  return [f'--config.data.manual_dir={builtin_data.manual_dir}',
+          f'--config.data.tfds_data_dir={builtin_data.tfds_data_dir}', '--config.train.num_steps=2',
+          '--config.train.eval_every=2', '--config.train.checkpoint_every=2']
+
+
 def tiny_config(preset: str, builtin_data):
   config = voc.get_config(f'{preset},tiny')
-  config.data.manual_dir, config.data.tfds_data_dir = builtin_data.manual_dir, builtin_data.tfds_data_dir
-  config.train.num_steps = config.train.eval_every = config.train.checkpoint_every = 2
+  for override in tiny_overrides(builtin_data):
+    key, value = override.removeprefix('--config.').split('=')
+    section, name = key.split('.')
+    config[section][name] = type(config[section][name])(value)
   return config
 
 
+_TRAINED = {}
+
+
+def train_tiny(preset: str, builtin_data, directory) -> tuple:
+  """(workdir, last evaluation) of `preset,tiny` trained two steps; each preset is trained once."""
+  if preset not in _TRAINED:
+    workdir = directory / f'run_{preset}'
+    _TRAINED[preset] = workdir, train.train_and_evaluate(tiny_config(preset, builtin_data), workdir)
+  return _TRAINED[preset]
+
+
 @pytest.mark.parametrize('preset', one_preset_per_network())
-def test_tiny_preset_trains_and_evaluates(preset, builtin_data, tmp_path):
-  config = tiny_config(preset, builtin_data)
-  result = train.train_and_evaluate(config, tmp_path)
-  assert result['num_images'] == config.data.synthetic_num_val and np.isfinite(result['miou'])
-  assert sorted(path.name for path in (tmp_path / 'checkpoints').iterdir() if path.name.isdigit()) == ['2']
+def test_tiny_preset_trains_and_evaluates(preset, builtin_data, tmp_path_factory):
+  workdir, result = train_tiny(preset, builtin_data, tmp_path_factory.getbasetemp())
+  assert result['num_images'] == builtin_data.synthetic_num_val and np.isfinite(result['miou'])
+  assert sorted(path.name for path in (workdir / 'checkpoints').iterdir() if path.name.isdigit()) == ['2']
+
+
+RUN_PRESET = 'r50_os16'  # the run the tools are tried on
+
+
+@pytest.fixture(scope='module')
+def trained_run(builtin_data, tmp_path_factory):
+  return train_tiny(RUN_PRESET, builtin_data, tmp_path_factory.getbasetemp())
+
+
+def run_tool(monkeypatch, tool: str, *args: str) -> None:
+  """`python -m dunet_jax.<tool> ARGS`, in this process: the module runs as __main__."""
+  monkeypatch.setattr(sys, 'argv', [f'dunet_jax.{tool}', *args])
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)  # runpy: the module was imported as a library too
+    runpy.run_module(f'dunet_jax.{tool}', run_name='__main__', alter_sys=False)
+
+
+def voc_file(builtin_data, name: str) -> pathlib.Path:
+  return pathlib.Path(builtin_data.manual_dir) / 'VOCdevkit' / 'VOC2012' / name
+
+
+@pytest.mark.parametrize('tool', TOOLS)
+def test_tool_answers_help(tool, monkeypatch, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    run_tool(monkeypatch, tool, '--help')
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith(importlib.import_module(f'dunet_jax.{tool}').__doc__.strip().splitlines()[0]), out
+  assert '\n  --' in out
+
+
+def _main(run, data, tmp_path):
+  config = f'--config={REPO_ROOT}/configs/voc.py:{RUN_PRESET},tiny'
+  return [config, *tiny_overrides(data), f'--workdir={run}'], 'Training already complete'
+
+
+def _prepare(run, data, tmp_path):
+  return [f'--config={REPO_ROOT}/configs/voc.py:{RUN_PRESET},tiny', *tiny_overrides(data)[:2]], 'ready at'
+
+
+def _evaluate(run, data, tmp_path):
+  return [f'--workdir={run}'], f'wrote {run / "eval_val_2.json"}'
+
+
+def _predict(run, data, tmp_path):
+  return [f'--workdir={run}', f'--input={voc_file(data, "JPEGImages/val_000000.jpg")}',
+          f'--output={tmp_path / "predicted"}'], 'wrote 1 label maps'
+
+
+def _score(run, data, tmp_path):
+  predicted = tmp_path / 'predicted'
+  predicted.mkdir()
+  shutil.copy(voc_file(data, 'SegmentationClass/val_000000.png'), predicted)  # a perfect prediction
+  (tmp_path / 'one.txt').write_text('val_000000\n')
+  return [f'--pred_dir={predicted}', f'--label_dir={voc_file(data, "SegmentationClass")}',
+          f'--list={tmp_path / "one.txt"}', '--num_classes=21'], '"pixel_accuracy": 1.0'
+
+
+def _export(run, data, tmp_path):
+  return [f'--workdir={run}', f'--output={tmp_path / "model.jaxexport"}', '--symbolic'], 'for cpu, cuda, tpu'
+
+
+def _upper_bound(run, data, tmp_path):
+  segmentation = voc_file(data, 'ImageSets/Segmentation')
+  return [f'--label_dir={voc_file(data, "SegmentationClass")}', f'--train_list={segmentation / "train.txt"}',
+          f'--val_list={segmentation / "val.txt"}', '--ratio=4', '--num_components=8', '--max_train=4',
+          '--max_val=2', '--solver=exact', '--downsample=area'], '"val_maps": 2'
+
+
+def _flops(run, data, tmp_path):
+  return [f'--config={REPO_ROOT}/configs/voc.py:{RUN_PRESET},tiny', '--size=64'], '"total_gflops"'
+
+
+def _convert_weights(run, data, tmp_path):
+  from safetensors.numpy import save_file
+  shapes = json.loads((REPO_ROOT / 'tests' / 'data' / 'state_dict_shapes.json').read_text())['shapes']
+  save_file({key: np.zeros(shape, np.float32) for key, shape in shapes['resnet50'].items()},
+            str(tmp_path / 'resnet50.safetensors'))
+  return [f'--source={tmp_path / "resnet50.safetensors"}', '--arch=resnet50',
+          f'--output={tmp_path / "resnet50.npz"}'], f'wrote {tmp_path / "resnet50.npz"}'
+
+
+# How each README command is tried: (arguments, text its output must hold) from (run, data, tmp_path).
+TRIALS = {'main': _main, 'data.prepare': _prepare, 'evaluate': _evaluate, 'predict': _predict,
+          'score': _score, 'export': _export, 'upper_bound': _upper_bound, 'flops': _flops,
+          'convert_weights': _convert_weights}
+
+
+@pytest.mark.parametrize('tool', TOOLS)
+def test_tool_runs_once(tool, trained_run, builtin_data, monkeypatch, capsys, caplog, tmp_path):
+  assert tool in TRIALS, f'README documents dunet_jax.{tool}: add how to try it to TRIALS'
+  workdir, _ = trained_run
+  arguments, expected = TRIALS[tool](workdir, builtin_data, tmp_path)
+  with caplog.at_level(logging.INFO):
+    run_tool(monkeypatch, tool, *arguments)
+  captured = capsys.readouterr()
+  assert expected in captured.out + captured.err + caplog.text, captured.out[-2000:]
