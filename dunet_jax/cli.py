@@ -77,8 +77,8 @@ def _started_as_a_tool() -> bool:
   return bool(spec and spec.name.startswith('dunet_jax.'))
 
 
-def _filter_stderr() -> None:
-  """Routes file descriptor 2 through the filter process (see the module docstring)."""
+def filter_stderr() -> None:
+  """Routes file descriptor 2 through a filter process that drops CHATTER_LINES (see above)."""
   sys.stderr.flush()
   process = subprocess.Popen([sys.executable, '-S', '-c', _FILTER_PROGRAM, '|'.join(CHATTER_LINES)],
                              stdin=subprocess.PIPE)
@@ -89,10 +89,12 @@ def _filter_stderr() -> None:
 if _started_as_a_tool():
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ INFO and WARNING lines
   if not os.environ.get(TRACEBACK_ENV):
-    _filter_stderr()
+    filter_stderr()
 
 
-class _QuietLibraries(std_logging.Filter):
+class QuietLibraries(std_logging.Filter):
+  """Drops the Python log records of libraries that are not for users (_QUIET_*)."""
+
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.levelno < std_logging.WARNING:
       return not any(path in record.pathname for path in _QUIET_INFO_PATHS)
@@ -222,8 +224,8 @@ def parse(define_flags: Callable[[flags.FlagValues], None] | None, argv: Sequenc
 def _quiet_logging() -> None:
   logging.use_absl_handler()
   handler = logging.get_absl_handler()
-  if not any(isinstance(existing, _QuietLibraries) for existing in handler.filters):
-    handler.addFilter(_QuietLibraries())
+  if not any(isinstance(existing, QuietLibraries) for existing in handler.filters):
+    handler.addFilter(QuietLibraries())
   if flags.FLAGS['verbosity'].using_default_value:
     logging.set_verbosity(logging.INFO)
 

@@ -220,6 +220,8 @@ def main(options: flags.FlagValues) -> None:
     overrides.update({'eval.scales': inference.MULTISCALE_SCALES, 'eval.flip': True})
   result, path = evaluate_checkpoint(options.workdir, overrides, step=options.step, split=options.split,
                                      save_predictions=options.save_predictions)
+  if jax.process_index() > 0:  # process 0 wrote the file and reports
+    return
   config = checkpoint.load_config(options.workdir)
   print(f'{options.workdir} step {json.loads(path.read_text())["step"]}, {result["split"]}: {result["num_images"]} images, scales {result["scales"]}, '
         f'flip {result["flip"]}, sliding window {result["sliding_window"]}')

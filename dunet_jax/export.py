@@ -90,8 +90,9 @@ def main(options: flags.FlagValues) -> None:
   exported = export_model(model, height=options.height, width=options.width,
                           batch_size=None if options.symbolic else options.batch_size,
                           platforms=options.platforms)
-  if jax.process_index() == 0:
-    save_exported(exported, options.output)
+  if jax.process_index() > 0:  # every process restored the model; process 0 writes the file
+    return
+  save_exported(exported, options.output)
   print(f'wrote {options.output}: {exported.in_avals[0]} -> {exported.out_avals[0]} '
         f'for {", ".join(exported.platforms)}')
 

@@ -23,6 +23,7 @@ from flax import nnx
 from PIL import Image
 
 from dunet_jax import checkpoint
+from dunet_jax import sharding
 from dunet_jax.data import palette
 
 # Predictor pads every image to a multiple of this many pixels (bottom and right, with the
@@ -214,5 +215,6 @@ def load(workdir_or_checkpoint: str | pathlib.Path, *, step: int | None = None,
   CPU-only machine.
   """
   workdir, path_step = resolve_checkpoint(workdir_or_checkpoint)
-  model, config, _ = checkpoint.restore_model(workdir, step if step is not None else path_step)
+  local = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}), jax.local_devices())
+  model, config, _ = checkpoint.restore_model(workdir, step if step is not None else path_step, local)
   return Predictor(model, config, scales=scales, flip=flip, sliding_window=sliding_window)

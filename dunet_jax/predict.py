@@ -12,6 +12,7 @@ from dunet_jax import cli  # first: prepares the process before TensorFlow and j
 import pathlib
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from absl import flags
 from PIL import Image
@@ -94,7 +95,7 @@ def define_flags(options: flags.FlagValues) -> None:
 
 
 def main(options: flags.FlagValues) -> None:
-  images = list_images(options.input)
+  images = list_images(options.input)[jax.process_index()::jax.process_count()]  # a share per process
   predictor = inference.load(
       options.workdir, step=options.step, flip=options.flip or options.multiscale,
       scales=inference.MULTISCALE_SCALES if options.multiscale else (1.0,),
