@@ -35,9 +35,10 @@ from dunet_jax import cpu_flags
 
 TRACEBACK_ENV = 'DUNET_JAX_TRACEBACK'
 
-# Exceptions that mean the user's input or settings are wrong: one message, no traceback.
+# Exceptions that mean the user's input, settings or installation are wrong: one message, no
+# traceback (ModuleNotFoundError: an optional package a tool names, e.g. libtpu or torch).
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, FloatingPointError,
-               flags.Error)
+               ModuleNotFoundError, flags.Error)
 
 # C++ log lines of TensorFlow / absl that say nothing a user can act on.
 CHATTER_LINES = (

@@ -26,16 +26,16 @@ v4 and v5p (v4-8 is 4 chips: jax sees one device per chip, the two cores run as 
 A raw topology (v5e:4x4, v4:2x2x2) is accepted too. Every chip needs whole images: a global
 batch smaller than (or not a multiple of) the chip count is refused, naming train.batch_size.
 """
+from dunet_jax import cli  # first: prepares the process before TensorFlow and jax load
+
 import dataclasses
 import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Any
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # The steps are compiled for the TPU topology; nothing runs, so jax itself needs only its CPU backend
 # (this keeps it from trying to start a TPU runtime when libtpu is installed on a machine without one).
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -43,9 +43,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from dunet_jax import evaluate, sharding, throughput, train, train_state  # noqa: E402
 from dunet_jax.models import dunet  # noqa: E402
@@ -368,35 +367,28 @@ def format_table(result: dict[str, Any]) -> str:
   return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
 
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/voc.py:r50_os16.', lock_config=True)
-flags.DEFINE_string('topology', None, 'Cloud TPU slice (v5e-16, v4-8, v5p-8, v6e-8) or topology (v5e:4x4).')
-flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOP/s utilisation for the time estimate.')
-flags.DEFINE_float('collective_latency_us', 20.0, 'Assumed fixed cost of one collective, in microseconds.')
-flags.DEFINE_float('hbm_gib', 0.0, 'HBM per chip in GiB; 0 = the chip\'s (dunet_jax/throughput.py).')
+def define_flags(options: flags.FlagValues) -> None:
+  flags.DEFINE_string('topology', None, 'Cloud TPU slice (v5e-16, v4-8, v5p-8, v6e-8) or topology (v5e:4x4).',
+                      required=True, flag_values=options)
+  flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOP/s utilisation for the time estimate.', flag_values=options)
+  flags.DEFINE_float('collective_latency_us', 20.0, 'Assumed fixed cost of one collective, in microseconds.',
+                     flag_values=options)
+  flags.DEFINE_float('hbm_gib', 0.0, 'HBM per chip in GiB; 0 = the chip\'s (dunet_jax/throughput.py).',
+                     flag_values=options)
 
-# Errors caused by the user's settings or installation: one message, no traceback.
-USER_ERRORS = (ValueError, ModuleNotFoundError)
 
-
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if not 0 < FLAGS.mfu <= 1:
-    raise app.UsageError(f'--mfu={FLAGS.mfu} must be in (0, 1]')
-  try:
-    steps = compile_steps(FLAGS.config, parse_slice(FLAGS.topology))
-    result = estimate(FLAGS.config, steps, mfu=FLAGS.mfu, collective_latency_s=FLAGS.collective_latency_us * 1e-6,
-                      hbm_bytes=FLAGS.hbm_gib * GIB or None)
-  except USER_ERRORS as error:
-    sys.exit(f'dunet_jax.compile_check: {error}')
+def main(options: flags.FlagValues) -> None:
+  if not 0 < options.mfu <= 1:
+    raise ValueError(f'--mfu={options.mfu} must be in (0, 1]')
+  steps = compile_steps(options.config, parse_slice(options.topology))
+  result = estimate(options.config, steps, mfu=options.mfu, collective_latency_s=options.collective_latency_us * 1e-6,
+                    hbm_bytes=options.hbm_gib * GIB or None)
   print(format_table(result))
   print(json.dumps(result))
   message = refusal(result)
   if message:
-    sys.exit(f'dunet_jax.compile_check: {message}')
+    raise ValueError(message)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'topology'])
-  app.run(main)
+  cli.run(main, define_flags, config='file')

@@ -160,6 +160,6 @@ def test_cli_refuses_a_batch_that_does_not_split_over_the_chips():
       [sys.executable, '-m', 'dunet_jax.compile_check', '--config=configs/synthetic.py:test', '--topology=v5e-16'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert process.returncode == 1
-  last_line = process.stderr.strip().splitlines()[-1]
-  assert last_line.startswith('dunet_jax.compile_check: config.train.batch_size=8 does not split')
-  assert '--config.train.batch_size=16' in last_line and 'Traceback' not in process.stderr
+  line = process.stderr.strip().splitlines()[-2]  # the last line says how to see the traceback
+  assert line.startswith('dunet_jax.compile_check: error: config.train.batch_size=8 does not split')
+  assert '--config.train.batch_size=16' in line and 'Traceback' not in process.stderr

@@ -21,6 +21,8 @@ a pixel's colour. Everything is a pure function of (seed, image id).
   python -m dunet_jax.data.voc_geometry --labels_dir=../shared/data/voc2012_labels \\
       --manual_dir=/tmp/dunet_jax_data/voc_geometry/manual [--maps=N] [--workers=K]
 """
+from dunet_jax import cli  # first: prepares the process before TensorFlow and jax load
+
 import dataclasses
 import gzip
 import hashlib
@@ -36,7 +38,7 @@ import numpy as np
 import scipy.io
 import scipy.ndimage
 import scipy.sparse
-from absl import app, flags
+from absl import flags
 from etils import epath
 from PIL import Image, ImageFilter
 
@@ -256,20 +258,17 @@ def _marker(maps: int, seed: int) -> dict:
   return {'maps': maps, 'seed': seed, 'version': GENERATOR_VERSION}
 
 
-def define_flags() -> None:
-  """Flags of the CLI, defined only when run as a program so importing this module adds none."""
+def define_flags(options: flags.FlagValues) -> None:
   flags.DEFINE_string('labels_dir', None, 'Folder of the real label maps (SegmentationClass/*.png '
-                      'and lists/).', required=True)
-  flags.DEFINE_string('manual_dir', None, 'Where the two archives are written.', required=True)
-  flags.DEFINE_integer('maps', 0, 'About this many label maps (0: all 12,031).')
-  flags.DEFINE_integer('seed', 0, 'Painting and SBD-split seed.')
-  flags.DEFINE_integer('workers', len(os.sched_getaffinity(0)), 'Painting processes.')
+                      'and lists/).', required=True, flag_values=options)
+  flags.DEFINE_string('manual_dir', None, 'Where the two archives are written.', required=True,
+                      flag_values=options)
+  flags.DEFINE_integer('maps', 0, 'About this many label maps (0: all 12,031).', flag_values=options)
+  flags.DEFINE_integer('seed', 0, 'Painting and SBD-split seed.', flag_values=options)
+  flags.DEFINE_integer('workers', len(os.sched_getaffinity(0)), 'Painting processes.', flag_values=options)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  options = flags.FLAGS
+def main(options: flags.FlagValues) -> None:
   plan = generate(options.labels_dir, options.manual_dir, maps=options.maps, seed=options.seed,
                   workers=options.workers)
   print(f'wrote {len(plan.image_ids)} images: VOC train {len(plan.voc_train)}, val '
@@ -278,5 +277,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)
