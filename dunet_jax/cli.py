@@ -179,7 +179,7 @@ def _is_help(argv: Sequence[str]) -> bool:
 
 def _logging_flags() -> list[flags.Flag]:
   """absl's logging flags (--verbosity, --logtostderr, ...), shared with the global FLAGS they live in."""
-  return [flag for flag in flags.FLAGS.get_flags_for_module('absl.logging')]
+  return list(flags.FLAGS.get_flags_for_module('absl.logging'))
 
 
 def _help(options: flags.FlagValues, doc: str) -> str:
