@@ -292,7 +292,7 @@ def estimate(config: ml_collections.ConfigDict, steps: CompiledSteps, *, mfu: fl
     'flops_per_step': flops, 'flops_per_image': flops / batch,
     'peak_flops_per_chip': peak, 'mfu': mfu,
     'collectives': collectives, 'collective_count': sum(c['count'] for c in collectives.values()),
-    'collective_latency_s': collective_latency_s, 'collective_s': comm_s,
+    'collective_latency_us': round(collective_latency_s * 1e6, 3), 'collective_s': comm_s,
     'step_s_at_peak': compute_at_peak_s, 'step_s': step_s,
     'num_steps': config.train.num_steps, 'train_hours': step_s * config.train.num_steps / 3600,
     'train_hours_at_peak': compute_at_peak_s * config.train.num_steps / 3600,
@@ -348,11 +348,11 @@ def format_table(result: dict[str, Any]) -> str:
                             f'donated {gib(train_memory["alias_bytes"])})'),
     ('eval memory / chip', f'{gib(eval_memory["total_bytes"])} (temporaries {gib(eval_memory["temp_bytes"])})'),
     ('fits', 'yes' if result['fits'] else 'NO'),
-    ('FLOPs / step', f'{result["flops_per_step"] / 1e12:.2f} TFLOP ({result["flops_per_image"] / 1e9:.0f} '
+    ('FLOPs / step', f'{result["flops_per_step"] / 1e12:.3g} TFLOP ({result["flops_per_image"] / 1e9:.4g} '
                      'GFLOP per image; XLA cost analysis of the TPU program)'),
     ('collectives / step', f'{result["collective_count"]} ({counts or "none"}): '
                            f'{result["collective_s"] * 1e3:.1f} ms at '
-                           f'{result["collective_latency_s"] * 1e6:.0f} us each + bytes over ICI'),
+                           f'{result["collective_latency_us"]:g} us each + bytes over ICI'),
     ('step time', f'{result["step_s"] * 1e3:.1f} ms at {result["mfu"]:.0%} MFU + collectives '
                   f'({result["step_s_at_peak"] * 1e3:.1f} ms of compute at the '
                   f'{result["peak_flops_per_chip"] / 1e12:.0f} TFLOP/s peak)'),
