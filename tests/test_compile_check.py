@@ -94,11 +94,14 @@ def test_fit_is_decided_both_ways_against_the_chip_hbm(steps):
 
 
 def test_flops_match_the_cpu_compiled_step_of_the_same_config(steps, cpu_train_step):
-  """XLA's cost analysis of the TPU program against that of the CPU program (same step, 4 devices)."""
+  """XLA's cost analysis of the TPU program against that of the CPU program (same step, 4 devices).
+  The backends' analyses differ in detail: measured here the TPU count is 9% above the CPU one
+  (793 vs 727 MFLOP per step); the tolerance is 15%. A step compiled for the wrong batch or
+  counted per chip instead of per slice would be off by 2x or more."""
   config = _config()
   result = compile_check.estimate(config, steps, mfu=0.5)
   cpu_flops = throughput.step_flops(cpu_train_step)
-  assert result['flops_per_step'] == pytest.approx(cpu_flops, rel=0.1), result['flops_per_step'] / cpu_flops
+  assert result['flops_per_step'] == pytest.approx(cpu_flops, rel=0.15), result['flops_per_step'] / cpu_flops
   assert result['flops_per_image'] == pytest.approx(result['flops_per_step'] / 8)
   # The arithmetic the table states: compute at peak / MFU + collectives, over num_steps.
   assert result['step_s_at_peak'] == pytest.approx(result['flops_per_step'] / (4 * 197e12))
