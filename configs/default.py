@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.poly_power = 0.9
   train.momentum = 0.9
   train.weight_decay = 1e-4
+  train.init_from = ''               # fine-tune: a workdir or WORKDIR/checkpoints/<step> (dunet_jax/fine_tune.py)
   train.w_num_images = 0             # label maps used to fit W; 0 = the whole train split
   train.log_every = 50
   train.eval_every = 5000

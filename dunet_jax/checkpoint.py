@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -35,17 +36,20 @@ RECONSTRUCTION_FILE = 'reconstruction.npz'
 RESUMABLE_CHANGES = ('data.manual_dir', 'data.tfds_data_dir', 'data.skip_bad_files',
                      'train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
                      'train.keep_checkpoints', 'train.peak_flops', 'eval.', 'mesh.',
-                     'model.require_pretrained')  # a start-time guard; runs recorded before it lack it
+                     'model.require_pretrained',  # a start-time guard; runs recorded before it lack it
+                     'train.init_from')  # read only when a run starts: a resumed run never reads its source
 
 
 class IncompatibleCheckpointError(ValueError):
   """The workdir holds a run of another model or config."""
 
 
-def make_manager(workdir: str | pathlib.Path, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(workdir: str | epath.PathLike, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                          enable_async_checkpointing=not read_only)
-  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
+  workdir = epath.Path(workdir)  # local or gs:// (pathlib would turn gs://b into gs:/b)
+  workdir = workdir if workdir.is_absolute() else workdir.absolute()
+  return ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=options,
                                item_names=('params', 'model_state', 'opt_state', 'progress'))
 
 
@@ -138,8 +142,8 @@ def save_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) 
   (pathlib.Path(workdir) / CONFIG_FILE).write_text(config.to_json(indent=2))
 
 
-def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  path = pathlib.Path(workdir) / CONFIG_FILE
+def load_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
+  path = epath.Path(workdir) / CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(f'{path} not found: {workdir} is not a dunet_jax workdir (it has no recorded config). '
                             'Pass the --workdir of a training run.')

@@ -22,8 +22,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dunet_jax import (checkpoint, evaluate, metrics, preemption, progress, reconstruction, sharding, throughput,
-                       train_state)
+from dunet_jax import (checkpoint, evaluate, fine_tune, metrics, preemption, progress, reconstruction, sharding,
+                       throughput, train_state)
 from dunet_jax.data import IGNORE_LABEL, datasets, pipeline
 from dunet_jax.models import config_checks
 
@@ -111,6 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if not is_chief:
     builder = datasets.prepare(config.data)
 
+  source = fine_tune.open_source(config, workdir, mesh)  # None unless train.init_from starts this run
   fitted_w = fit_or_load_w(config, workdir, builder, mesh)
   state, shardings = train_state.create_train_state(config, fitted_w, mesh)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
@@ -119,6 +120,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if restored is not None:
     state, step = restored
     logging.info('Resumed from %s at step %d.', manager.directory, step)
+  elif source is not None:
+    state = source.initialise(state, shardings)
 
   train_step = make_train_step(mesh, shardings)
   num_steps = config.train.num_steps

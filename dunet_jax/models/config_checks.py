@@ -57,7 +57,7 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
                     'purpose (no ImageNet initialisation).')
     return
   if not model.pretrained:
-    if model.get('require_pretrained', False):
+    if model.get('require_pretrained', False) and not config.train.get('init_from', ''):  # a fine-tune needs none
       raise ValueError(
           'config.model.pretrained is empty, but this paper preset trains from ImageNet weights '
           '(from random ones it cannot approach the paper). To get them: ' + convert_command(model)

@@ -3,6 +3,7 @@ import os
 import pathlib
 
 import numpy as np
+from etils import epath
 
 from dunet_jax.reconstruction.solvers import ReconstructionFit
 
@@ -17,16 +18,16 @@ def save_reconstruction(path: str | os.PathLike, fit: ReconstructionFit) -> None
   temporary.replace(path)
 
 
-def load_reconstruction(path: str | os.PathLike, *, expect_ratio: int | None = None,
+def load_reconstruction(path: str | epath.PathLike, *, expect_ratio: int | None = None,
                         expect_num_classes: int | None = None,
                         expect_num_components: int | None = None) -> ReconstructionFit:
-  """Reads a file written by `save_reconstruction`, checking it matches what the caller needs."""
-  path = pathlib.Path(path)
+  """Reads a file of `save_reconstruction` (local or gs://), checking it fits what the caller needs."""
+  path = epath.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f'No reconstruction file at {path}: fit W first (fit_pca + '
                             f'save_reconstruction), or delete the workdir to start over.')
   try:
-    with np.load(path) as data:
+    with path.open('rb') as file, np.load(file) as data:
       fields = {key: data[key] for key in ('w', 'eigenvalues', 'ratio', 'num_classes', 'num_components',
                                             'num_windows')}
   except (KeyError, ValueError, OSError) as error:
