@@ -57,8 +57,10 @@ class Source:
            else variable.replace(jnp.asarray(self.variables[path], variable.get_value().dtype)))
           for path, variable in flat])
 
-    logging.info('Fine-tuning from %s (step %d): took %d variables (parameters, BatchNorm statistics%s); %s. '
-                 'The optimizer state and the step start afresh.', self.location, self.step, len(taken),
+    modules = sorted({_module(_name(path)) for path in taken})
+    logging.info('Fine-tuning from %s (step %d): took %d variables of %s (parameters, BatchNorm statistics%s); '
+                 '%s. The optimizer state and the step start afresh.', self.location, self.step, len(taken),
+                 ', '.join(modules),
                  ', W' if any(_name(path).endswith('dupsample/w') for path in taken) else '',
                  f're-initialised {", ".join(self.reinitialised)} ({self.reason})' if self.reinitialised
                  else 'W kept from the source (same classes, output stride and C\')')
@@ -159,8 +161,11 @@ def _start_w(source_workdir: epath.Path, variables: dict[Path, jax.Array], workd
   if keep:
     w = next(value for key, value in variables.items() if _name(key) == 'decoder/dupsample/w')
     w = np.asarray(multihost_utils.process_allgather(w, tiled=True), np.float32)  # every process takes part
-    fit = dataclasses.replace(
-        reconstruction.load_reconstruction(source_workdir / checkpoint.RECONSTRUCTION_FILE), w=w)
+    source_file = source_workdir / checkpoint.RECONSTRUCTION_FILE
+    if not source_file.exists():
+      raise FileNotFoundError(f'config.train.init_from: {source_file} is missing (the record of the W this run '
+                              'keeps from the source): put that run\'s reconstruction.npz back there.')
+    fit = dataclasses.replace(reconstruction.load_reconstruction(source_file), w=w)
   if jax.process_index() == 0:
     if keep:
       reconstruction.save_reconstruction(path, fit)
@@ -172,3 +177,9 @@ def _start_w(source_workdir: epath.Path, variables: dict[Path, jax.Array], workd
 
 def _name(path: Path) -> str:
   return '/'.join(str(key) for key in path)
+
+
+def _module(name: str) -> str:
+  """The part of the model a variable belongs to, for the log: 'backbone', 'aspp', 'decoder/convs', ..."""
+  parts = name.split('/')
+  return '/'.join(parts[:2] if parts[0] == 'decoder' else parts[:1])

@@ -97,13 +97,16 @@ def test_fine_tune_on_another_split_takes_the_newest_params_statistics_and_w(sou
   assert written.num_windows == 100
 
 
-def test_more_classes_refit_w_and_reinitialise_the_code_layers(source, tmp_path):
+def test_more_classes_refit_w_and_reinitialise_the_code_layers(source, tmp_path, caplog):
   source_workdir, source_config, source_steps = source
   config = source_config.copy_and_resolve_references()
   config.data.num_classes = 30      # as VOC (21) -> Context (60); the built-in labels are < 21 < 30
   config.train.init_from = str(source_workdir / 'checkpoints' / '3')
   builder = datasets.prepare(source_config.data)  # the built-in dataset declares 21 classes
+  caplog.set_level(logging.INFO)
   _, state, started = _start(config, tmp_path / 'fine', builder)
+  assert 'of backbone, decoder/convs, decoder/fuse (parameters, BatchNorm statistics);' in caplog.text
+  assert 're-initialised decoder/to_codes, decoder/dupsample (num_classes 21 -> 30: W refitted' in caplog.text
   expected = source_steps[3]        # the checkpoint folder named, not the newest
   assert started.step == 3
   got = {**_flat(state.params), **_flat(state.model_state)}
