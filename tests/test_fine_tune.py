@@ -129,8 +129,8 @@ def test_more_classes_refit_w_and_reinitialise_the_code_layers(source, tmp_path,
                              rtol=1e-6)
 
 
-def test_source_of_another_backbone_is_refused_naming_the_variable(source, tmp_path):
-  _, source_config, _ = source
+def test_source_of_another_backbone_or_without_its_w_is_refused_by_name(source, tmp_path):
+  source_workdir, source_config, _ = source
   deeper = _config(tmp_path, stage_blocks=(1, 1, 2, 1))
   _save_run(tmp_path / 'deeper', deeper, {1: random_model(deeper)})
   config = source_config.copy_and_resolve_references()
@@ -140,6 +140,12 @@ def test_source_of_another_backbone_is_refused_naming_the_variable(source, tmp_p
   assert not (tmp_path / 'fine' / checkpoint.RECONSTRUCTION_FILE).exists()
   config.train.init_from = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='init_from=.*nowhere is neither a training workdir'):
+    fine_tune.open_source(config, tmp_path / 'fine', sharding.make_mesh(config.mesh))
+  without_w = tmp_path / 'without_w'
+  shutil.copytree(source_workdir, without_w)
+  (without_w / checkpoint.RECONSTRUCTION_FILE).unlink()
+  config.train.init_from = str(without_w)
+  with pytest.raises(FileNotFoundError, match='init_from: .*without_w/reconstruction.npz is missing'):
     fine_tune.open_source(config, tmp_path / 'fine', sharding.make_mesh(config.mesh))
 
 
