@@ -10,7 +10,6 @@ interrupted save never looks like a checkpoint; a complete but unreadable latest
 skipped with a warning in favour of the previous one.
 """
 import json
-import pathlib
 import time
 from typing import Any
 
@@ -18,12 +17,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dunet_jax import sharding, train_state
+from dunet_jax import sharding, storage, train_state
 from dunet_jax.models import dunet
 
 CONFIG_FILE = 'config.json'
@@ -44,12 +42,10 @@ class IncompatibleCheckpointError(ValueError):
   """The workdir holds a run of another model or config."""
 
 
-def make_manager(workdir: str | epath.PathLike, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(workdir: storage.PathLike, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                          enable_async_checkpointing=not read_only)
-  workdir = epath.Path(workdir)  # local or gs:// (pathlib would turn gs://b into gs:/b)
-  workdir = workdir if workdir.is_absolute() else workdir.absolute()
-  return ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=options,
+  return ocp.CheckpointManager(storage.absolute(workdir) / CHECKPOINT_DIR, options=options,
                                item_names=('params', 'model_state', 'opt_state', 'progress'))
 
 
@@ -110,7 +106,7 @@ def restore(manager: ocp.CheckpointManager, abstract: dict[str, Any], step: int 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   """Renames an unreadable step's folder (process 0) so that it is neither used nor lost."""
   if jax.process_index() == 0:
-    folder = pathlib.Path(manager.directory) / str(step)
+    folder = storage.path(manager.directory) / str(step)
     target = folder.with_name(f'{step}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}')
     folder.rename(target)
     logging.warning('Moved the unreadable checkpoint to %s.', target)
@@ -138,19 +134,19 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
-def save_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  (pathlib.Path(workdir) / CONFIG_FILE).write_text(config.to_json(indent=2))
+def save_config(workdir: storage.PathLike, config: ml_collections.ConfigDict) -> None:
+  (storage.path(workdir) / CONFIG_FILE).write_text(config.to_json(indent=2))
 
 
-def load_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
-  path = epath.Path(workdir) / CONFIG_FILE
+def load_config(workdir: storage.PathLike) -> ml_collections.ConfigDict:
+  path = storage.path(workdir) / CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(f'{path} not found: {workdir} is not a dunet_jax workdir (it has no recorded config). '
                             'Pass the --workdir of a training run.')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def check_resumable(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def check_resumable(workdir: storage.PathLike, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a run whose recorded config differs in anything that changes training."""
   recorded = _flatten(config_to_dict(load_config(workdir)))
   current = _flatten(config_to_dict(config))
@@ -160,10 +156,10 @@ def check_resumable(workdir: str | pathlib.Path, config: ml_collections.ConfigDi
     details = '; '.join(f'{key}: recorded {recorded.get(key)!r}, now {current.get(key)!r}' for key in differing)
     raise IncompatibleCheckpointError(
         f'{workdir} holds a run with another config ({details}). Resume with the recorded config '
-        f'({pathlib.Path(workdir) / CONFIG_FILE}) or start a new run in a fresh --workdir.')
+        f'({storage.path(workdir) / CONFIG_FILE}) or start a new run in a fresh --workdir.')
 
 
-def restore_model(workdir: str | pathlib.Path, step: int | None = None,
+def restore_model(workdir: storage.PathLike, step: int | None = None,
                   mesh: Mesh | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
   """The trained model of a workdir, in eval mode, on this process's devices (replicated)."""
   config = load_config(workdir)
@@ -175,7 +171,7 @@ def restore_model(workdir: str | pathlib.Path, step: int | None = None,
   restored = restore(manager, {'params': abstract_with_shardings(params, mesh),
                                'model_state': abstract_with_shardings(model_state, mesh)}, step)
   if restored is None:
-    raise FileNotFoundError(f'No checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}: train first with '
+    raise FileNotFoundError(f'No checkpoint in {storage.path(workdir) / CHECKPOINT_DIR}: train first with '
                             f'python -m dunet_jax.main --workdir={workdir}.')
   items, restored_step = restored
   model = nnx.merge(graphdef, items['params'], items['model_state'])

@@ -20,7 +20,6 @@ from dunet_jax import cli  # first: prepares the process before TensorFlow and j
 import dataclasses
 import functools
 import inspect
-import pathlib
 import re
 
 import ml_collections
@@ -28,6 +27,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from dunet_jax import storage
 from dunet_jax.models import pretrained
 from dunet_jax.models import resnet
 from dunet_jax.models import xception
@@ -160,14 +160,14 @@ def target_shapes(arch_name: str) -> dict[str, tuple[int, ...]]:
   return dict(_cached_target_shapes(arch_name))
 
 
-def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+def read_state_dict(path: storage.PathLike) -> dict[str, np.ndarray]:
   """{key: numpy array} from a .safetensors file, or a .pth / .pt / .bin file when torch is installed."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if not path.is_file():
     raise FileNotFoundError(f'--source={path}: no such file')
   if path.suffix == '.safetensors':
-    from safetensors.numpy import load_file
-    return dict(load_file(str(path)))
+    from safetensors.numpy import load
+    return dict(load(path.read_bytes()))
   if path.suffix not in ('.pth', '.pt', '.bin'):
     raise ConversionError(f'--source={path}: expected a .safetensors, .pth, .pt or .bin file')
   try:
@@ -176,7 +176,8 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     raise ConversionError(f'--source={path}: reading {path.suffix} files needs torch (not a dunet_jax '
                           'requirement); install it, or use the .safetensors file of the same '
                           'weights') from error
-  state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  with path.open('rb') as file:
+    state_dict = torch.load(file, map_location='cpu', weights_only=True)
   if isinstance(state_dict, dict) and 'state_dict' in state_dict and len(state_dict) <= 4:
     state_dict = state_dict['state_dict']
   return {key: value.detach().float().numpy() for key, value in state_dict.items()}
@@ -223,12 +224,13 @@ def convert(state_dict: dict[str, np.ndarray], arch_name: str,
   return converted, dropped
 
 
-def write_npz(path: str | pathlib.Path, arrays: dict[str, np.ndarray], arch_name: str, source: str) -> None:
+def write_npz(path: storage.PathLike, arrays: dict[str, np.ndarray], arch_name: str, source: str) -> None:
   """Writes our arrays plus the arch, source and input convention that `pretrained` checks."""
   metadata = {pretrained.ARCH_KEY: np.asarray(arch_name), pretrained.SOURCE_KEY: np.asarray(str(source)),
               **ARCHS[arch_name].convention.arrays()}
-  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  with open(path, 'wb') as file:
+  path = storage.path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as file:
     np.savez(file, **arrays, **metadata)
 
 
@@ -238,7 +240,7 @@ def convert_file(source: str, arch_name: str, output: str) -> dict[str, int]:
     raise ConversionError(f'--arch={arch_name}: unknown, choose one of {", ".join(ARCHS)}')
   state_dict = read_state_dict(source)
   arrays, dropped = convert(state_dict, arch_name)
-  write_npz(output, arrays, arch_name, pathlib.Path(source).name)
+  write_npz(output, arrays, arch_name, storage.path(source).name)
   num_values = sum(int(array.size) for array in arrays.values())
   print(f'{source}: {len(state_dict)} tensors read; {len(arrays)} mapped onto our {arch_name} '
         f'({num_values:,} values); {len(dropped)} dropped on purpose: {_key_list(dropped, limit=8)}')

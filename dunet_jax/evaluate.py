@@ -18,7 +18,6 @@ from dunet_jax import cli  # first: prepares the process before TensorFlow and j
 
 import functools
 import json
-import pathlib
 from typing import Any
 
 import jax
@@ -39,6 +38,7 @@ from dunet_jax import predict
 from dunet_jax import progress
 from dunet_jax import score
 from dunet_jax import sharding
+from dunet_jax import storage
 from dunet_jax.data import IGNORE_LABEL, datasets
 from dunet_jax.data import palette
 from dunet_jax.data import pipeline
@@ -103,7 +103,7 @@ def evaluate_model(model: nnx.Module, config: ml_collections.ConfigDict, mesh: M
   confusion = np.zeros((config.data.num_classes,) * 2, np.int64)
   images, num_images = None, 0
   if save_predictions is not None:
-    save_predictions = epath.Path(save_predictions)
+    save_predictions = storage.path(save_predictions)
     save_predictions.mkdir(parents=True, exist_ok=True)
   bar = progress.bar(-(-builder.info.splits[split].num_examples // jax.process_count()),
                      f'evaluating {split}', 'image')
@@ -182,11 +182,11 @@ def result_file_name(result: dict, step: int) -> str:
   return f'eval_{result["split"]}_{step}' + ''.join(f'_{tag}' for tag in tags) + '.json'
 
 
-def evaluate_checkpoint(workdir: str | pathlib.Path, config_overrides: dict[str, Any], *,
+def evaluate_checkpoint(workdir: storage.PathLike, config_overrides: dict[str, Any], *,
                         step: int | None = None, split: str | None = None,
-                        save_predictions: str | None = None) -> tuple[dict, pathlib.Path]:
+                        save_predictions: str | None = None) -> tuple[dict, epath.Path]:
   """Restores a run's checkpoint, evaluates it, and writes eval_<split>_<step>.json into workdir."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   config = checkpoint.load_config(workdir)
   apply_overrides(config, config_overrides)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))

@@ -16,7 +16,6 @@ The exported function maps uint8 images (B, H, W, 3) to float32 logits (B, H, W,
 """
 from dunet_jax import cli  # first: prepares the process before TensorFlow and jax load
 
-import pathlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -26,6 +25,7 @@ from flax import nnx
 
 from dunet_jax import checkpoint
 from dunet_jax import inference
+from dunet_jax import storage
 
 DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 
@@ -50,13 +50,13 @@ def export_model(model: nnx.Module, *, height: int | None = None, width: int | N
   return jax.export.export(forward, platforms=tuple(platforms))(jax.ShapeDtypeStruct(shape, np.uint8))
 
 
-def save_exported(exported: jax.export.Exported, path: str | pathlib.Path) -> None:
-  pathlib.Path(path).write_bytes(exported.serialize())
+def save_exported(exported: jax.export.Exported, path: storage.PathLike) -> None:
+  storage.path(path).write_bytes(exported.serialize())
 
 
-def load_exported(path: str | pathlib.Path) -> Callable[[np.ndarray], jax.Array]:
+def load_exported(path: storage.PathLike) -> Callable[[np.ndarray], jax.Array]:
   """The exported function of a file: uint8 images (B, H, W, 3) -> float32 logits."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   try:
     exported = jax.export.deserialize(bytearray(path.read_bytes()))
   except OSError as error:

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dunet_jax import checkpoint, reconstruction, train_state
+from dunet_jax import checkpoint, reconstruction, storage, train_state
 from dunet_jax.models import dunet
 
 Path = tuple[Any, ...]
@@ -120,13 +120,13 @@ def open_source(config: ml_collections.ConfigDict, workdir: str | epath.PathLike
   source.check_fits(nnx.eval_shape(lambda: dunet.DUNet(config.model, config.data.num_classes, reconstruction=None,
                                                        rngs=nnx.Rngs(0))))
   if config.model.decoder == 'dupsample':
-    _start_w(source_workdir, variables, epath.Path(workdir), keep=not reinitialised)
+    _start_w(source_workdir, variables, storage.path(workdir), keep=not reinitialised)
   return source
 
 
 def resolve(location: str) -> tuple[epath.Path, int | None]:
   """(source workdir, step or None for its newest) of an init_from value."""
-  path = epath.Path(location)
+  path = storage.path(location)
   if (path / checkpoint.CONFIG_FILE).exists():
     return path, None
   if path.parent.name == checkpoint.CHECKPOINT_DIR and path.name.isdigit() and path.is_dir():

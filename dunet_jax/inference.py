@@ -12,7 +12,6 @@ predicted in overlapping windows whose logits are averaged.
 """
 import functools
 import math
-import pathlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -20,10 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from etils import epath
 from PIL import Image
 
 from dunet_jax import checkpoint
 from dunet_jax import sharding
+from dunet_jax import storage
 from dunet_jax.data import palette
 
 # Predictor pads every image to a multiple of this many pixels (bottom and right, with the
@@ -195,9 +196,9 @@ class Predictor:
     return list(datasets.class_names(self.config.data))
 
 
-def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+def resolve_checkpoint(path: storage.PathLike) -> tuple[epath.Path, int | None]:
   """(workdir, step) from a workdir (newest step) or a workdir/checkpoints/<step> folder."""
-  path = pathlib.Path(path).expanduser()
+  path = storage.path(path)
   if (path / checkpoint.CONFIG_FILE).is_file():
     return path, None
   if path.name.isdigit() and path.parent.name == checkpoint.CHECKPOINT_DIR:
@@ -206,7 +207,7 @@ def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int | No
                           f'checkpoint folder <workdir>/{checkpoint.CHECKPOINT_DIR}/<step>.')
 
 
-def load(workdir_or_checkpoint: str | pathlib.Path, *, step: int | None = None,
+def load(workdir_or_checkpoint: storage.PathLike, *, step: int | None = None,
          scales: Sequence[float] = (1.0,), flip: bool = False,
          sliding_window: bool | None = None) -> Predictor:
   """A Predictor for a run's newest (or given) checkpoint, restored onto this process's devices.

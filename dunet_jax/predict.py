@@ -9,24 +9,24 @@ prediction blended over the image. Images of any size are predicted at their own
 """
 from dunet_jax import cli  # first: prepares the process before TensorFlow and jax load
 
-import pathlib
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from absl import flags
+from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
-from dunet_jax import inference
+from dunet_jax import inference, storage
 from dunet_jax.data import palette
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
 
-def list_images(input_path: str | pathlib.Path) -> list[pathlib.Path]:
+def list_images(input_path: storage.PathLike) -> list[epath.Path]:
   """The image itself, or the images of a folder (not recursive), sorted; raises when none."""
-  path = pathlib.Path(input_path).expanduser()
+  path = storage.path(input_path)
   if path.is_file():
     return [path]
   if not path.is_dir():
@@ -44,26 +44,27 @@ def list_images(input_path: str | pathlib.Path) -> list[pathlib.Path]:
   return images
 
 
-def save_label_png(path: pathlib.Path, label_map: np.ndarray) -> None:
+def save_label_png(path: epath.Path, label_map: np.ndarray) -> None:
   """A palette PNG: pixel values are the class ids, displayed in the VOC colours."""
   image = Image.fromarray(np.asarray(label_map, np.uint8))
   image.putpalette(palette.VOC_COLORMAP.tobytes())
-  image.save(path)
+  with path.open('wb') as file:
+    image.save(file, format='PNG')
 
 
-def read_rgb(path: pathlib.Path) -> np.ndarray:
+def read_rgb(path: epath.Path) -> np.ndarray:
   """uint8 (H, W, 3) pixels of an image file; raises naming the file when it cannot be read."""
   try:
-    with Image.open(path) as image:
+    with path.open('rb') as file, Image.open(file) as image:
       return np.asarray(image.convert('RGB'))
   except (OSError, SyntaxError, ValueError) as error:
     raise ValueError(f'{path}: cannot be read as an image ({error}); remove or re-save it.') from error
 
 
-def predict_files(predictor: inference.Predictor, images: Sequence[pathlib.Path],
-                  output_dir: str | pathlib.Path, alpha: float = 0.5) -> list[str]:
+def predict_files(predictor: inference.Predictor, images: Sequence[epath.Path],
+                  output_dir: storage.PathLike, alpha: float = 0.5) -> list[str]:
   """Writes <stem>.png and <stem>_overlay.jpg per image; returns the errors of unreadable ones."""
-  output_dir = pathlib.Path(output_dir)
+  output_dir = storage.path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   errors = []
   for path in tqdm(images, unit='image', disable=len(images) == 1):
@@ -74,8 +75,8 @@ def predict_files(predictor: inference.Predictor, images: Sequence[pathlib.Path]
       continue
     label_map = predictor.predict(rgb)
     save_label_png(output_dir / f'{path.stem}.png', label_map)
-    Image.fromarray(inference.overlay(rgb, label_map, alpha)).save(
-        output_dir / f'{path.stem}_overlay.jpg', quality=90)
+    with (output_dir / f'{path.stem}_overlay.jpg').open('wb') as file:
+      Image.fromarray(inference.overlay(rgb, label_map, alpha)).save(file, format='JPEG', quality=90)
   return errors
 
 

@@ -12,13 +12,14 @@ from dunet_jax import cli  # first: prepares the process before TensorFlow and j
 
 import json
 import math
-import pathlib
 
 from absl import flags
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from dunet_jax import metrics
+from dunet_jax import storage
 from dunet_jax.data import palette
 
 _MAX_NAMES_SHOWN = 20
@@ -28,10 +29,11 @@ class ScoreError(ValueError):
   """Bad input to the scorer: the message names the files and says what to do."""
 
 
-def read_label_png(path: pathlib.Path) -> np.ndarray:
+def read_label_png(path: storage.PathLike) -> np.ndarray:
   """A PNG of class ids as uint8 (H, W): palette ('P') PNGs give their indices, not colours."""
+  path = storage.path(path)
   try:
-    with Image.open(path) as image:
+    with path.open('rb') as file, Image.open(file) as image:
       if image.mode not in ('P', 'L'):
         raise ScoreError(
             f'{path}: mode {image.mode!r}; expected a palette (P) or grayscale (L) PNG whose '
@@ -59,7 +61,7 @@ def _names(paths: list[str]) -> str:
   return shown + (f' ... and {more} more' if more > 0 else '')
 
 
-def _png_stems(directory: pathlib.Path, what: str) -> dict[str, pathlib.Path]:
+def _png_stems(directory: epath.Path, what: str) -> dict[str, epath.Path]:
   if not directory.is_dir():
     raise ScoreError(f'{what} directory {directory} does not exist; pass the folder of PNGs.')
   stems = {path.stem: path for path in sorted(directory.glob('*.png'))}
@@ -68,13 +70,14 @@ def _png_stems(directory: pathlib.Path, what: str) -> dict[str, pathlib.Path]:
   return stems
 
 
-def matched_pairs(pred_dir: pathlib.Path, label_dir: pathlib.Path,
-                  stems: list[str] | None = None) -> list[tuple[pathlib.Path, pathlib.Path]]:
+def matched_pairs(pred_dir: storage.PathLike, label_dir: storage.PathLike,
+                  stems: list[str] | None = None) -> list[tuple[epath.Path, epath.Path]]:
   """(prediction, label) paths by stem; raises naming every missing or extra file.
 
   Without `stems` every label must have a prediction; with `stems` (e.g. a split list) only
   those are scored, so a label folder holding more than the split can be used directly.
   """
+  pred_dir, label_dir = storage.path(pred_dir), storage.path(label_dir)
   predictions = _png_stems(pred_dir, 'prediction')
   labels = _png_stems(label_dir, 'label')
   wanted = list(stems) if stems is not None else sorted(labels)
@@ -98,7 +101,7 @@ def matched_pairs(pred_dir: pathlib.Path, label_dir: pathlib.Path,
   return [(predictions[stem], labels[stem]) for stem in wanted]
 
 
-def score_pairs(pairs: list[tuple[pathlib.Path, pathlib.Path]], num_classes: int,
+def score_pairs(pairs: list[tuple[epath.Path, epath.Path]], num_classes: int,
                 ignore_label: int = 255) -> tuple[np.ndarray, dict]:
   """The summed confusion matrix and metrics.scores of it; raises naming bad files."""
   confusion = np.zeros((num_classes, num_classes), np.int64)
@@ -148,10 +151,10 @@ def json_ready(result: dict) -> dict:
 
 def _read_list(path: str) -> list[str]:
   try:
-    stems = [line.split()[0] for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    stems = [line.split()[0] for line in storage.path(path).read_text().splitlines() if line.strip()]
   except OSError as error:
     raise ScoreError(f'--list={path} cannot be read ({error}).') from error
-  return [pathlib.PurePath(stem).stem for stem in stems]
+  return [epath.Path(stem).stem for stem in stems]
 
 
 def define_flags(options: flags.FlagValues) -> None:
@@ -165,7 +168,7 @@ def define_flags(options: flags.FlagValues) -> None:
 
 def main(options: flags.FlagValues) -> None:
   stems = _read_list(options.list) if options.list else None
-  pairs = matched_pairs(pathlib.Path(options.pred_dir), pathlib.Path(options.label_dir), stems)
+  pairs = matched_pairs(options.pred_dir, options.label_dir, stems)
   _, result = score_pairs(pairs, options.num_classes, options.ignore_label)
   print(metrics.format_table(result, class_names(options.num_classes)))
   print(json.dumps(json_ready(result)))

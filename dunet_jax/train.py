@@ -7,7 +7,6 @@ uninterrupted one would), saves a checkpoint and exits on a preemption notice (s
 `dunet_jax.preemption`), and stops on a NaN or Inf loss without overwriting the last good checkpoint.
 """
 import itertools
-import pathlib
 import time
 from typing import Any, Callable
 
@@ -18,12 +17,13 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dunet_jax import (checkpoint, evaluate, fine_tune, metrics, preemption, progress, reconstruction, sharding,
-                       throughput, train_state)
+from dunet_jax import (checkpoint, evaluate, event_writer, fine_tune, metrics, preemption, progress, reconstruction,
+                       sharding, storage, throughput, train_state)
 from dunet_jax.data import IGNORE_LABEL, datasets, pipeline
 from dunet_jax.models import config_checks
 
@@ -61,7 +61,7 @@ def make_train_step(mesh: Mesh, shardings: train_state.TrainState) -> Callable[.
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def fit_or_load_w(config: ml_collections.ConfigDict, workdir: pathlib.Path, builder: Any,
+def fit_or_load_w(config: ml_collections.ConfigDict, workdir: epath.Path, builder: Any,
                   mesh: Mesh) -> np.ndarray | None:
   """W from the workdir if the run already fitted it, else one streaming PCA pass over the labels."""
   if config.model.decoder != 'dupsample':
@@ -92,10 +92,10 @@ def fit_or_load_w(config: ml_collections.ConfigDict, workdir: pathlib.Path, buil
   return fit.w
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> dict:
   """Trains (or resumes) the run in `workdir` to config.train.num_steps; returns the last eval metrics."""
   config_checks.validate_model(config)
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
   if (workdir / checkpoint.CONFIG_FILE).exists():
@@ -103,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   elif is_chief:
     checkpoint.save_config(workdir, config)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  writer = event_writer.metric_writer(workdir, just_logging=not is_chief)
   mesh = sharding.make_mesh(config.mesh)
   if is_chief:
     builder = datasets.prepare(config.data)

@@ -41,6 +41,7 @@ from PIL import Image
 from dunet_jax import metrics
 from dunet_jax import progress
 from dunet_jax import reconstruction
+from dunet_jax import storage
 from dunet_jax.data import IGNORE_LABEL, label_files
 from dunet_jax.models.dupsample import depth_to_space
 from dunet_jax.reconstruction import windows
@@ -227,7 +228,7 @@ def _score_batch(labels: jax.Array, projection: jax.Array, w: jax.Array, ratio: 
 def _sorted_by_shape(label_dir: str, ids: list[str], ratio: int) -> list[str]:
   """Ids ordered by padded size (PNG headers only), so batches need little extra padding."""
   def padded(label_id):
-    with Image.open(f'{label_dir}/{label_id}.png') as image:
+    with (storage.path(label_dir) / f'{label_id}.png').open('rb') as file, Image.open(file) as image:
       width, height = image.size
     return -(-height // ratio), -(-width // ratio)
   return sorted(ids, key=padded)

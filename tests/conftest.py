@@ -45,6 +45,16 @@ def coordinator_address() -> str:
     return f'localhost:{s.getsockname()[1]}'
 
 
+@pytest.fixture(scope='session')
+def gcs_emulator():
+  """A real GCS-protocol server (fake-gcs-server) on localhost, with every GCS client of the stack
+  pointed at it for this session and its subprocesses (tests/gcs_emulator.py); stopped at the end."""
+  from gcs_emulator import GcsEmulator
+  emulator = GcsEmulator()
+  yield emulator
+  emulator.stop()
+
+
 def pytest_unconfigure(config) -> None:
   """Removes this session's compilation cache (xdist workers inherit it and leave it to the controller)."""
   if OWN_CACHE and not hasattr(config, 'workerinput'):

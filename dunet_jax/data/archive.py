@@ -4,9 +4,12 @@ Users download archives by hand and may or may not extract them; builders see on
 Uncompressed tars (VOC's .tar) are read member by member without extracting anything; compressed
 ones (SBD's .tgz) cannot be seeked, so one streaming pass keeps the members a builder asks for.
 """
-import pathlib
 import tarfile
 from typing import Callable, Protocol
+
+from etils import epath
+
+from dunet_jax import storage
 
 
 class FileTree(Protocol):
@@ -25,8 +28,8 @@ class FileTree(Protocol):
 class DirectoryTree:
   """A folder on disk."""
 
-  def __init__(self, root: pathlib.Path):
-    self.root = pathlib.Path(root)
+  def __init__(self, root: storage.PathLike):
+    self.root = storage.path(root)
 
   def read(self, relpath: str) -> bytes:
     path = self.root / relpath
@@ -52,13 +55,13 @@ class TarTree:
   uncompressed archive is indexed once and each member is read on demand.
   """
 
-  def __init__(self, archive: pathlib.Path, prefix: str, keep: Callable[[str], bool] = lambda _: True):
-    self.archive = pathlib.Path(archive)
+  def __init__(self, archive: storage.PathLike, prefix: str, keep: Callable[[str], bool] = lambda _: True):
+    self.archive = storage.path(archive)
     self.prefix = prefix
     self._members: dict[str, tarfile.TarInfo] = {}
     self._contents: dict[str, bytes] = {}
     try:
-      self._tar = tarfile.open(self.archive, 'r:')
+      self._tar = tarfile.open(fileobj=self.archive.open('rb'), mode='r:')
     except tarfile.ReadError:
       self._tar = None
     try:
@@ -68,7 +71,7 @@ class TarTree:
           if relpath is not None:
             self._members[relpath] = member
       else:
-        with tarfile.open(self.archive, 'r|*') as stream:
+        with self.archive.open('rb') as file, tarfile.open(fileobj=file, mode='r|*') as stream:
           for member in stream:
             relpath = self._relpath(member)
             if relpath is not None and keep(relpath):
@@ -99,7 +102,7 @@ class TarTree:
     return f'{self.archive}:{self.prefix}{relpath}'
 
 
-def find_tree(manual_dir: pathlib.Path, folders: tuple[str, ...], archive: str, prefix: str,
+def find_tree(manual_dir: epath.Path, folders: tuple[str, ...], archive: str, prefix: str,
               marker: str, keep: Callable[[str], bool] = lambda _: True) -> FileTree | None:
   """The first extracted folder (relative to manual_dir) holding `marker`, else the archive.
 

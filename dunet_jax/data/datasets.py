@@ -6,13 +6,14 @@ to put where. Nothing is ever downloaded.
 """
 import importlib
 import os
-import pathlib
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
+from dunet_jax import storage
 from dunet_jax.data import palette, synthetic, voc_geometry
 
 BUILDER_MODULES = {
@@ -42,20 +43,20 @@ def builder_name(data_config: ml_collections.ConfigDict) -> str:
   return data_config.dataset
 
 
-def data_dir(data_config: ml_collections.ConfigDict) -> pathlib.Path:
+def data_dir(data_config: ml_collections.ConfigDict) -> epath.Path:
   """Where TFDS writes prepared datasets."""
-  return pathlib.Path(data_config.tfds_data_dir or tfds.core.constants.DATA_DIR).expanduser()
+  return storage.path(data_config.tfds_data_dir or tfds.core.constants.DATA_DIR)
 
 
-def manual_dir(data_config: ml_collections.ConfigDict) -> pathlib.Path:
+def manual_dir(data_config: ml_collections.ConfigDict) -> epath.Path:
   """config.data.manual_dir, else TFDS's default <data_dir>/downloads/manual[/synthetic]."""
   if data_config.manual_dir:
-    return pathlib.Path(data_config.manual_dir).expanduser()
+    return storage.path(data_config.manual_dir)
   default = data_dir(data_config) / 'downloads' / 'manual'
   return default / 'synthetic' if data_config.synthetic else default
 
 
-def check_manual_dir(data_config: ml_collections.ConfigDict) -> pathlib.Path:
+def check_manual_dir(data_config: ml_collections.ConfigDict) -> epath.Path:
   """The manual_dir of a real dataset; a clear error when it is missing or empty."""
   path = manual_dir(data_config)
   if not path.is_dir() or not any(path.iterdir()):

@@ -7,22 +7,22 @@ map uses every core). Maps are padded with IGNORE_LABEL (255, void) to a multipl
 (padding to the largest map of the batch, or to a fixed size); each process reads its own
 share of the ids.
 """
-import os
-import pathlib
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
+from etils import epath
 from PIL import Image
 
+from dunet_jax import storage
 from dunet_jax.data import IGNORE_LABEL
 
 tf.config.set_visible_devices([], 'GPU')
 
 
-def read_ids(list_file: str | os.PathLike) -> list[str]:
+def read_ids(list_file: storage.PathLike) -> list[str]:
   """Ids one per line (blank lines ignored, a missing final newline is fine)."""
-  path = pathlib.Path(list_file)
+  path = storage.path(list_file)
   if not path.is_file():
     raise FileNotFoundError(f'Id list {path} does not exist: pass a file with one label id per line.')
   ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -31,18 +31,18 @@ def read_ids(list_file: str | os.PathLike) -> list[str]:
   return ids
 
 
-def read_label(path: str | os.PathLike) -> np.ndarray:
+def read_label(path: storage.PathLike) -> np.ndarray:
   """(H, W) uint8 class ids of a palette ('P') or greyscale ('L') PNG."""
-  with Image.open(path) as image:
+  with storage.path(path).open('rb') as file, Image.open(file) as image:
     if image.mode not in ('P', 'L'):
       raise ValueError(f'{path}: label PNGs must be palette or greyscale images of class ids, '
                        f'got mode {image.mode}.')
     return np.asarray(image, np.uint8)
 
 
-def check_files(label_dir: str | os.PathLike, ids: list[str]) -> list[pathlib.Path]:
+def check_files(label_dir: storage.PathLike, ids: list[str]) -> list[epath.Path]:
   """The label paths, with one error naming the folder and the first missing ids."""
-  label_dir = pathlib.Path(label_dir)
+  label_dir = storage.path(label_dir)
   if not label_dir.is_dir():
     raise FileNotFoundError(f'Label folder {label_dir} does not exist: pass the folder of <id>.png maps.')
   paths = [label_dir / f'{label_id}.png' for label_id in ids]
@@ -53,7 +53,7 @@ def check_files(label_dir: str | os.PathLike, ids: list[str]) -> list[pathlib.Pa
   return paths
 
 
-def label_dataset(label_dir: str | os.PathLike, ids: list[str], *, ratio: int, batch_size: int,
+def label_dataset(label_dir: storage.PathLike, ids: list[str], *, ratio: int, batch_size: int,
                   pad_to: tuple[int, int] | None = None, process_index: int = 0,
                   process_count: int = 1) -> tf.data.Dataset:
   """Batches {'label': (B, H, W) uint8, 'height', 'width': (B,) int32, 'id': (B,) string}.
@@ -77,7 +77,7 @@ def label_dataset(label_dir: str | os.PathLike, ids: list[str], *, ratio: int, b
                                      message=f'A label map is larger than pad_to={pad_to}')
       target = pad_to
     label = tf.pad(label, [[0, target[0] - height], [0, target[1] - width]], constant_values=IGNORE_LABEL)
-    basename = tf.strings.split(path, os.sep)[-1]
+    basename = tf.strings.split(path, '/')[-1]
     return {'label': label, 'height': height, 'width': width,
             'id': tf.strings.regex_replace(basename, r'\.png$', '')}
 
@@ -88,7 +88,7 @@ def label_dataset(label_dir: str | os.PathLike, ids: list[str], *, ratio: int, b
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def label_batches(label_dir: str | os.PathLike, ids: list[str], *, ratio: int, batch_size: int,
+def label_batches(label_dir: storage.PathLike, ids: list[str], *, ratio: int, batch_size: int,
                   **options) -> Iterator[dict[str, np.ndarray]]:
   """`label_dataset` as numpy dicts."""
   return label_dataset(label_dir, ids, ratio=ratio, batch_size=batch_size, **options).as_numpy_iterator()

@@ -16,12 +16,13 @@ splits are VOC 2010's ImageSets/Main train (4,998) and val (5,105). Labels come 
 import collections
 import functools
 import json
-import pathlib
 from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+from dunet_jax import storage
 from dunet_jax.data import IGNORE_LABEL, archive, examples, rle
 
 NUM_CLASSES = 60
@@ -104,7 +105,7 @@ class FileLabels:
 class DetailLabels:
   """Label maps painted from trainval_merged.json's RLE masks, in annotation order."""
 
-  def __init__(self, path: pathlib.Path):
+  def __init__(self, path: epath.Path):
     self.path = path
     try:
       data = json.loads(path.read_bytes())
@@ -141,14 +142,14 @@ class DetailLabels:
     return full_to_60_classes(label, name)
 
 
-def open_images(manual_dir: pathlib.Path) -> archive.FileTree | None:
+def open_images(manual_dir: epath.Path) -> archive.FileTree | None:
   """The VOC2010 folder (JPEGImages, ImageSets/Main) as a FileTree."""
   keep = lambda relpath: relpath.startswith(('ImageSets/Main/', 'JPEGImages/'))
   return archive.find_tree(manual_dir, VOC2010_FOLDERS, VOC2010_ARCHIVE, VOC2010_PREFIX,
                            'ImageSets/Main', keep)
 
 
-def open_labels(manual_dir: pathlib.Path) -> 'FileLabels | DetailLabels | None':
+def open_labels(manual_dir: epath.Path) -> 'FileLabels | DetailLabels | None':
   """The first label source found, in the order of the module docstring."""
   for folder in CONTEXT_FOLDERS:
     if any((manual_dir / folder).glob('*.mat')):
@@ -186,7 +187,7 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    manual_dir = pathlib.Path(dl_manager.manual_dir)
+    manual_dir = storage.path(dl_manager.manual_dir)
     images = open_images(manual_dir)
     if images is None:
       raise FileNotFoundError(f'{manual_dir}: neither {VOC2010_ARCHIVE} nor an extracted VOCdevkit/VOC2010 '

@@ -11,12 +11,13 @@ output stride 32 can beat bilinear upsampling. Everything is a pure function of 
 """
 import colorsys
 import json
-import pathlib
 from typing import Callable
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
 
+from dunet_jax import storage
 from dunet_jax.data import IGNORE_LABEL, palette
 
 ShapeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -211,19 +212,20 @@ def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   return image.clip(0, 255).astype(np.uint8), label
 
 
-def _save_palette_png(label: np.ndarray, path: pathlib.Path) -> None:
+def _save_palette_png(label: np.ndarray, path: epath.Path) -> None:
   png = Image.fromarray(label, mode='P')
   png.putpalette(palette.VOC_COLORMAP.tobytes())
-  png.save(path)
+  with path.open('wb') as file:
+    png.save(file, format='PNG')
 
 
-def generate(root: str | pathlib.Path, num_train: int, num_val: int, seed: int) -> pathlib.Path:
+def generate(root: storage.PathLike, num_train: int, num_val: int, seed: int) -> epath.Path:
   """Writes root/VOCdevkit/VOC2012 (JPEGImages, SegmentationClass, ImageSets/Segmentation).
 
   Image i of a split depends only on (seed, split, i), so growing one split never changes the
   other. Returns the VOC2012 directory.
   """
-  voc_dir = pathlib.Path(root) / 'VOCdevkit' / 'VOC2012'
+  voc_dir = storage.path(root) / 'VOCdevkit' / 'VOC2012'
   for sub in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'):
     (voc_dir / sub).mkdir(parents=True, exist_ok=True)
   (voc_dir / MARKER_FILE).unlink(missing_ok=True)
@@ -232,7 +234,8 @@ def generate(root: str | pathlib.Path, num_train: int, num_val: int, seed: int) 
     ids = lists[split] = [f'{split}_{index:06d}' for index in range(count)]
     for index, image_id in enumerate(ids):
       image, label = render_scene(np.random.default_rng([seed, split_code, index]))
-      Image.fromarray(image).save(voc_dir / 'JPEGImages' / f'{image_id}.jpg', quality=JPEG_QUALITY)
+      with (voc_dir / 'JPEGImages' / f'{image_id}.jpg').open('wb') as file:
+        Image.fromarray(image).save(file, format='JPEG', quality=JPEG_QUALITY)
       _save_palette_png(label, voc_dir / 'SegmentationClass' / f'{image_id}.png')
   lists['trainval'] = lists['train'] + lists['val']
   for split, ids in lists.items():
@@ -242,9 +245,9 @@ def generate(root: str | pathlib.Path, num_train: int, num_val: int, seed: int) 
   return voc_dir
 
 
-def is_generated(root: str | pathlib.Path, num_train: int, num_val: int, seed: int) -> bool:
+def is_generated(root: storage.PathLike, num_train: int, num_val: int, seed: int) -> bool:
   """True when root holds a complete tree generated with exactly these settings."""
-  marker = pathlib.Path(root) / 'VOCdevkit' / 'VOC2012' / MARKER_FILE
+  marker = storage.path(root) / 'VOCdevkit' / 'VOC2012' / MARKER_FILE
   if not marker.is_file():
     return False
   return json.loads(marker.read_text()) == _marker(num_train, num_val, seed)

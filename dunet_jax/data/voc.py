@@ -6,10 +6,11 @@ layout and read by this same builder (config 'synthetic'), so real and built-in 
 code path.
 """
 import functools
-import pathlib
 
 import tensorflow_datasets as tfds
+from etils import epath
 
+from dunet_jax import storage
 from dunet_jax.data import archive, examples
 
 NUM_CLASSES = 21
@@ -33,14 +34,14 @@ Put into manual_dir (config.data.manual_dir):
 """
 
 
-def open_voc(manual_dir: pathlib.Path) -> archive.FileTree | None:
+def open_voc(manual_dir: epath.Path) -> archive.FileTree | None:
   """The VOC2012 folder (JPEGImages, SegmentationClass, ImageSets) as a FileTree."""
   keep = lambda relpath: relpath.startswith(('ImageSets/Segmentation/', 'SegmentationClass/', 'JPEGImages/'))
   return archive.find_tree(manual_dir, VOC_FOLDERS, VOC_ARCHIVE, VOC_PREFIX,
                            'ImageSets/Segmentation', keep)
 
 
-def open_sbd(manual_dir: pathlib.Path) -> archive.FileTree | None:
+def open_sbd(manual_dir: epath.Path) -> archive.FileTree | None:
   """SBD's dataset folder (cls/*.mat, train.txt, val.txt) as a FileTree."""
   keep = lambda relpath: relpath in ('train.txt', 'val.txt') or relpath.startswith('cls/')
   return archive.find_tree(manual_dir, SBD_FOLDERS, SBD_ARCHIVE, SBD_PREFIX, 'cls', keep)
@@ -107,7 +108,7 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    manual_dir = pathlib.Path(dl_manager.manual_dir)
+    manual_dir = storage.path(dl_manager.manual_dir)
     voc = open_voc(manual_dir)
     if voc is None:
       raise FileNotFoundError(f'{manual_dir}: neither {VOC_ARCHIVE} nor an extracted VOCdevkit/VOC2012 '

@@ -17,6 +17,8 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from dunet_jax import storage
+
 ARCH_KEY = '__arch__'
 SOURCE_KEY = '__source__'
 MEAN_KEY = '__pixel_mean__'
@@ -94,7 +96,7 @@ def _describe(backbone: nnx.Module) -> str:
 
 
 def _existing_file(path: str | epath.PathLike) -> epath.Path:
-  path = epath.Path(path)
+  path = storage.path(path)
   if not path.is_file():
     raise FileNotFoundError(f'config.model.pretrained={path}: no such file (write it with '
                             '`python -m dunet_jax.convert_weights`)')

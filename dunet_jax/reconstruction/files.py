@@ -1,28 +1,26 @@
 """The W file (`reconstruction.npz` in a workdir): written atomically, read back with checks."""
-import os
-import pathlib
-
 import numpy as np
-from etils import epath
 
+from dunet_jax import storage
 from dunet_jax.reconstruction.solvers import ReconstructionFit
 
 
-def save_reconstruction(path: str | os.PathLike, fit: ReconstructionFit) -> None:
+def save_reconstruction(path: storage.PathLike, fit: ReconstructionFit) -> None:
   """Writes `reconstruction.npz` (w, eigenvalues, ratio, num_classes, num_components, num_windows)."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   temporary = path.with_name(path.name + '.tmp.npz')
-  np.savez(temporary, w=np.asarray(fit.w, np.float32), eigenvalues=np.asarray(fit.eigenvalues, np.float32),
-           ratio=fit.ratio, num_classes=fit.num_classes, num_components=fit.num_components,
-           num_windows=fit.num_windows)
+  with temporary.open('wb') as file:
+    np.savez(file, w=np.asarray(fit.w, np.float32), eigenvalues=np.asarray(fit.eigenvalues, np.float32),
+             ratio=fit.ratio, num_classes=fit.num_classes, num_components=fit.num_components,
+             num_windows=fit.num_windows)
   temporary.replace(path)
 
 
-def load_reconstruction(path: str | epath.PathLike, *, expect_ratio: int | None = None,
+def load_reconstruction(path: storage.PathLike, *, expect_ratio: int | None = None,
                         expect_num_classes: int | None = None,
                         expect_num_components: int | None = None) -> ReconstructionFit:
   """Reads a file of `save_reconstruction` (local or gs://), checking it fits what the caller needs."""
-  path = epath.Path(path)
+  path = storage.path(path)
   if not path.is_file():
     raise FileNotFoundError(f'No reconstruction file at {path}: fit W first (fit_pca + '
                             f'save_reconstruction), or delete the workdir to start over.')

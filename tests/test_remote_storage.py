@@ -1,0 +1,260 @@
+"""gs:// paths end to end against a real GCS-protocol server (fake-gcs-server on localhost).
+
+Every object is checked through the server's own JSON API, not through the client under test.
+One two-process training run on gs:// is shared by the tests that read a run. TFDS reads prepared
+data with tf.data through TensorFlow's GCS client, which cannot be pointed at an emulator, so the
+training runs keep their prepared data on local disk; `test_tfds_data_dir_on_gcs` covers what of a
+gs:// tfds_data_dir goes through epath, and checks that tf.data is handed gs:// file names.
+"""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dunet_jax import checkpoint, inference, storage
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+BUCKET = 'dunet-test'
+NUM_STEPS = 4
+
+
+def _objects(emulator, prefix: str) -> dict[str, int]:
+  """{object name: size} under `prefix` in the test bucket, straight from the server's JSON API."""
+  query = urllib.parse.urlencode({'prefix': prefix})
+  with urllib.request.urlopen(f'{emulator.url}/storage/v1/b/{BUCKET}/o?{query}', timeout=30) as response:
+    return {item['name']: int(item['size']) for item in json.load(response).get('items', [])}
+
+
+def _read_object(emulator, name: str) -> bytes:
+  quoted = urllib.parse.quote(name, safe='')
+  with urllib.request.urlopen(f'{emulator.url}/storage/v1/b/{BUCKET}/o/{quoted}?alt=media', timeout=30) as response:
+    return response.read()
+
+
+def _step_folders(emulator, run: str) -> dict[int, set[str]]:
+  """{step: names of its objects} under <run>/checkpoints/ (run is 'gs://bucket/name')."""
+  prefix = run.removeprefix(f'gs://{BUCKET}/') + '/checkpoints/'
+  folders: dict[int, set[str]] = {}
+  for name in _objects(emulator, prefix):
+    step, _, rest = name[len(prefix):].partition('/')
+    if step.isdigit():
+      folders.setdefault(int(step), set()).add(rest)
+  return folders
+
+
+def _command(workdir: str, data_dir: pathlib.Path, *overrides: str) -> list[str]:
+  return [sys.executable, '-m', 'dunet_jax.main', '--config=configs/synthetic.py:test', f'--workdir={workdir}',
+          f'--config.data.manual_dir={data_dir}/manual', f'--config.data.tfds_data_dir={data_dir}/tfds',
+          f'--config.train.num_steps={NUM_STEPS}', '--config.train.eval_every=1000',
+          '--config.train.w_num_images=8', *overrides]
+
+
+def _start_two_processes(workdir: str, data_dir: pathlib.Path, *overrides: str) -> list[subprocess.Popen]:
+  """Two localhost processes x 2 CPU devices training the run in `workdir`."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    coordinator = f'localhost:{s.getsockname()[1]}'
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'}
+  return [subprocess.Popen(_command(workdir, data_dir, *overrides, f'--coordinator_address={coordinator}',
+                                    '--num_processes=2', f'--process_id={index}'),
+                           cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for index in range(2)]
+
+
+def _finish(processes: list[subprocess.Popen]) -> None:
+  outputs = [process.communicate(timeout=600)[0] for process in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-4000:]
+
+
+def _params(workdir: str, step: int | None = None):
+  model, _, restored_step = checkpoint.restore_model(workdir, step)
+  return restored_step, jax.device_get(nnx.to_pure_dict(nnx.state(model)))
+
+
+@pytest.fixture(scope='module')
+def bucket(gcs_emulator) -> str:
+  return gcs_emulator.create_bucket(BUCKET)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp('data')
+
+
+@pytest.fixture(scope='module')
+def remote_run(bucket, data_dir, gcs_emulator) -> str:
+  """A finished two-process run whose workdir is on the emulator (checkpoints at steps 2 and 4)."""
+  workdir = f'{bucket}/run'
+  _finish(_start_two_processes(workdir, data_dir, '--config.train.checkpoint_every=2'))
+  return workdir
+
+
+def test_dunet_jax_paths_reach_the_gcs_server(gcs_emulator, bucket):
+  """epath under dunet_jax writes gs:// objects to the server (TensorFlow's client could not)."""
+  assert os.environ['EPATH_USE_TF'] == 'false'
+  path = storage.path(f'{bucket}/probe') / 'hello.txt'
+  assert str(path) == f'{bucket}/probe/hello.txt'  # pathlib would make it gs:/dunet-test/...
+  path.write_text('hello')
+  assert _read_object(gcs_emulator, 'probe/hello.txt') == b'hello'
+  assert storage.path(f'{bucket}/probe').is_dir() and path.read_text() == 'hello'
+
+
+def test_two_process_run_writes_everything_to_gcs(remote_run, gcs_emulator, tmp_path):
+  objects = _objects(gcs_emulator, 'run/')
+  for name in ('run/config.json', 'run/reconstruction.npz'):
+    assert objects.get(name, 0) > 0, sorted(objects)
+  folders = _step_folders(gcs_emulator, remote_run)
+  assert sorted(folders) == [2, NUM_STEPS]
+  assert all('commit_success.txt' in names for names in folders.values())  # orbax's marker on gs://
+  recorded = json.loads(_read_object(gcs_emulator, 'run/config.json'))
+  assert recorded['train']['num_steps'] == NUM_STEPS
+  events = [name for name in objects if name.startswith('run/events.out.tfevents')]
+  assert len(events) == 1, sorted(objects)
+  local = tmp_path / pathlib.PurePath(events[0]).name
+  local.write_bytes(_read_object(gcs_emulator, events[0]))
+  from tensorboard.backend.event_processing import event_file_loader
+  tags = {value.tag for event in event_file_loader.EventFileLoader(str(local)).Load()
+          for value in event.summary.value}
+  assert {'train/loss', 'train/learning_rate'} <= tags, tags
+  assert not (REPO_ROOT / 'gs:').exists(), 'a gs:// path was written as a local folder'
+
+
+def test_sigkill_during_a_gcs_save_then_resume_is_bit_identical(remote_run, bucket, data_dir, gcs_emulator):
+  """On gs:// orbax marks a finished step with commit_success.txt instead of renaming a temporary
+  folder: a step killed mid-save must be ignored and redone, and the run must end exactly where
+  the uninterrupted one did."""
+  workdir = f'{bucket}/killed'
+  # The run's W, as the uninterrupted run fitted it (saves fitting it again).
+  (storage.path(workdir) / checkpoint.RECONSTRUCTION_FILE).write_bytes(
+      (storage.path(remote_run) / checkpoint.RECONSTRUCTION_FILE).read_bytes())
+  processes = _start_two_processes(workdir, data_dir, '--config.train.checkpoint_every=1')
+  deadline = time.monotonic() + 300
+  torn = None
+  while torn is None:
+    assert all(p.poll() is None for p in processes), 'the run ended before a save could be interrupted'
+    assert time.monotonic() < deadline, 'no save in progress was seen'
+    started = {step: names for step, names in _step_folders(gcs_emulator, workdir).items()
+               if 'commit_success.txt' not in names}
+    torn = min(started) if started else None
+    if torn is None:
+      time.sleep(0.02)
+  for process in processes:
+    process.kill()
+  for process in processes:
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+  folders = _step_folders(gcs_emulator, workdir)
+  uncommitted = [step for step, names in folders.items() if 'commit_success.txt' not in names]
+  assert uncommitted, f'every save had completed by the kill: {folders}'
+  committed = [step for step in folders if step not in uncommitted]
+  assert checkpoint.make_manager(workdir, read_only=True).all_steps() == committed
+
+  _finish(_start_two_processes(workdir, data_dir, '--config.train.checkpoint_every=1'))
+  folders = _step_folders(gcs_emulator, workdir)
+  assert all('commit_success.txt' in folders[step] for step in uncommitted if step in folders)
+  step, resumed = _params(workdir)
+  reference_step, expected = _params(remote_run)
+  assert step == reference_step == NUM_STEPS
+  jax.tree.map(np.testing.assert_array_equal, resumed, expected)
+
+
+def test_inference_and_evaluate_read_the_run_from_gcs(remote_run, gcs_emulator, tmp_path):
+  local = tmp_path / 'run'
+  for name in _objects(gcs_emulator, 'run/'):
+    target = local / name.removeprefix('run/')
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(_read_object(gcs_emulator, name))
+  remote_step, remote_params = _params(remote_run)
+  local_step, local_params = _params(local)
+  assert remote_step == local_step == NUM_STEPS
+  jax.tree.map(np.testing.assert_array_equal, remote_params, local_params)
+  image = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(inference.load(remote_run).probabilities(image),
+                                inference.load(local).probabilities(image))
+  workdir, step = inference.resolve_checkpoint(f'{remote_run}/checkpoints/2')
+  assert (str(workdir), step) == (remote_run, 2)
+
+  from dunet_jax import evaluate
+  result, path = evaluate.evaluate_checkpoint(remote_run, {})
+  assert str(path) == f'{remote_run}/eval_val_{NUM_STEPS}.json'
+  written = json.loads(_read_object(gcs_emulator, f'run/eval_val_{NUM_STEPS}.json'))
+  assert written['step'] == NUM_STEPS and written['miou'] == pytest.approx(result['miou'])
+
+
+def test_unreadable_checkpoint_on_gcs_is_copied_aside(remote_run, bucket, gcs_emulator):
+  """On gs:// there is no rename: setting an unreadable step aside copies it whole, then deletes it."""
+  workdir = f'{bucket}/corrupt'
+  source, target = storage.path(remote_run), storage.path(workdir)
+  for name in _objects(gcs_emulator, 'run/'):
+    relative = name.removeprefix('run/')
+    if relative.startswith(('checkpoints/', checkpoint.CONFIG_FILE)):
+      (target / relative).parent.mkdir(parents=True, exist_ok=True)
+      (target / relative).write_bytes((source / relative).read_bytes())
+  original = _step_folders(gcs_emulator, workdir)[NUM_STEPS]
+  damaged = [name for name in original if name.startswith('params/ocdbt.process_') and '/d/' in name]
+  assert damaged, sorted(original)
+  for name in damaged:
+    (target / 'checkpoints' / str(NUM_STEPS) / name).write_bytes(b'\0' * 7)
+
+  config = checkpoint.load_config(workdir)
+  from dunet_jax import sharding
+  from dunet_jax.models import dunet
+  mesh = sharding.make_mesh(config.mesh)
+  abstract_model = nnx.eval_shape(lambda: dunet.DUNet(config.model, config.data.num_classes,
+                                                      reconstruction=None, rngs=nnx.Rngs(0)))
+  _, params, model_state = checkpoint.split_model(abstract_model)
+  manager = checkpoint.make_manager(workdir)
+  restored = checkpoint.restore(manager, {'params': checkpoint.abstract_with_shardings(params, mesh),
+                                          'model_state': checkpoint.abstract_with_shardings(model_state, mesh)},
+                                set_aside_unreadable=True)
+  manager.close()
+  assert restored is not None and restored[1] == 2
+  folders = _objects(gcs_emulator, 'corrupt/checkpoints/')
+  aside = {name.split('/')[2] for name in folders if name.split('/')[2].startswith(f'{NUM_STEPS}.unreadable-')}
+  assert len(aside) == 1, sorted(folders)
+  copied = {name.split('/', 3)[3] for name in folders if name.split('/')[2] in aside}
+  assert copied == original  # every object of the step, damaged ones included
+  assert NUM_STEPS not in _step_folders(gcs_emulator, workdir)
+
+
+def test_manual_dir_and_tfds_data_dir_on_gcs(bucket, gcs_emulator, tmp_path):
+  """A gs:// manual_dir is read by the builder through epath; a gs:// tfds_data_dir is found prepared
+  (TFDS keeps its bookkeeping through epath) and tf.data is handed gs:// shard names. tf.data reads
+  those shards through TensorFlow's GCS client, which no emulator can stand in for."""
+  from configs import synthetic as synthetic_config
+  from dunet_jax.data import datasets, synthetic
+  data = synthetic_config.get_config('test').data
+  data.synthetic_num_train, data.synthetic_num_val = 3, 2
+  data.manual_dir, data.tfds_data_dir = f'{bucket}/manual', str(tmp_path / 'tfds')
+  builder = datasets.prepare(data)
+  labels = [name for name in _objects(gcs_emulator, 'manual/') if '/SegmentationClass/' in name]
+  assert len(labels) == 5
+  for example in builder.as_dataset(split='train').as_numpy_iterator():
+    index = int(example['id'].decode().split('_')[1])
+    _, expected = synthetic.render_scene(np.random.default_rng([data.synthetic_seed, 0, index]))
+    np.testing.assert_array_equal(example['label'][..., 0], expected)
+
+  local = tmp_path / 'tfds'
+  for file in local.rglob('*'):
+    if file.is_file():
+      target = storage.path(f'{bucket}/tfds') / str(file.relative_to(local))
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(file.read_bytes())
+  data.tfds_data_dir = f'{bucket}/tfds'
+  remote = datasets.prepare(data)
+  assert str(remote.data_dir).startswith(f'{bucket}/tfds/') and remote.is_prepared()
+  assert remote.info.splits['train'].num_examples == 3
+  shards = [instruction.filename for instruction in remote.info.splits['train'].file_instructions]
+  assert shards and all(shard.startswith(f'{bucket}/tfds/') for shard in shards)
