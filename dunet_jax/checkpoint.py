@@ -5,7 +5,8 @@ and `checkpoints/<step>/` with four items: 'params' and 'model_state' (the model
 parameters; BatchNorm statistics and W), 'opt_state' and 'progress' (the step). Inference
 restores only the model items. Restoring builds an abstract target whose shardings are made
 for the devices of the restoring process, so a checkpoint written by 8 TPU chips opens on a
-laptop CPU. Orbax writes each step to a temporary folder and renames it when complete, so an
+laptop CPU. Orbax writes each step to a temporary folder and renames it when complete (on gs://,
+which cannot rename, into the step's folder with commit_success.txt written last), so an
 interrupted save never looks like a checkpoint; a complete but unreadable latest step is
 skipped with a warning in favour of the previous one.
 """
@@ -104,7 +105,11 @@ def restore(manager: ocp.CheckpointManager, abstract: dict[str, Any], step: int 
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
-  """Renames an unreadable step's folder (process 0) so that it is neither used nor lost."""
+  """Renames an unreadable step's folder (process 0) so that it is neither used nor lost.
+
+  On gs:// a rename is a copy of every object followed by deleting the originals, so a crash
+  midway leaves the step where it was (set aside again on the next start) or a complete copy.
+  """
   if jax.process_index() == 0:
     folder = storage.path(manager.directory) / str(step)
     target = folder.with_name(f'{step}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}')
