@@ -28,6 +28,8 @@ from dunet_jax.models import dunet
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 RECONSTRUCTION_FILE = 'reconstruction.npz'
+# Orbax's mark of a finished save on file systems without atomic rename (gs://).
+COMMIT_MARKER = 'commit_success.txt'
 
 # Config keys that may differ between a run and its resumption: where files live, how
 # often things happen, evaluation settings and the device layout. Everything else changes
@@ -107,13 +109,13 @@ def restore(manager: ocp.CheckpointManager, abstract: dict[str, Any], step: int 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   """Renames an unreadable step's folder (process 0) so that it is neither used nor lost.
 
-  On gs:// a rename is a copy of every object followed by deleting the originals, so a crash
-  midway leaves the step where it was (set aside again on the next start) or a complete copy.
+  On gs:// the folder is copied whole, then deleted starting with orbax's commit marker, so a
+  crash midway leaves either the step in place or a complete copy beside an unfinished save.
   """
   if jax.process_index() == 0:
     folder = storage.path(manager.directory) / str(step)
     target = folder.with_name(f'{step}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}')
-    folder.rename(target)
+    storage.move_folder(folder, target, remove_first=COMMIT_MARKER)
     logging.warning('Moved the unreadable checkpoint to %s.', target)
   multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
   manager.reload()

@@ -46,3 +46,22 @@ def absolute(user_path: PathLike) -> epath.Path:
   """`path`, made absolute when local (orbax needs absolute checkpoint folders)."""
   result = path(user_path)
   return result if is_remote(result) else result.absolute()
+
+
+def move_folder(source: PathLike, target: PathLike, *, remove_first: str | None = None) -> None:
+  """Renames folder `source` to `target`; on object stores, which cannot rename, moves it safely.
+
+  gcsfs would move object by object, so an interruption could leave the folder split between both
+  names. Here every file is copied first and only then is `source` deleted, starting with its
+  file `remove_first` (a completion marker), so an interruption loses nothing.
+  """
+  source, target = path(source), path(target)
+  if not is_remote(source):
+    source.rename(target)
+    return
+  file_system, source_path = fsspec.core.url_to_fs(os.fspath(source))
+  target_path = fsspec.core.url_to_fs(os.fspath(target))[1]
+  file_system.copy(source_path, target_path, recursive=True)
+  if remove_first is not None:
+    (source / remove_first).unlink(missing_ok=True)
+  source.rmtree()
