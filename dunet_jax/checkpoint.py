@@ -7,10 +7,14 @@ restores only the model items. Restoring builds an abstract target whose shardin
 for the devices of the restoring process, so a checkpoint written by 8 TPU chips opens on a
 laptop CPU. Orbax writes each step to a temporary folder and renames it when complete (on gs://,
 which cannot rename, into the step's folder with commit_success.txt written last), so an
-interrupted save never looks like a checkpoint; a complete but unreadable latest step is
-skipped with a warning in favour of the previous one.
+interrupted save never looks like a checkpoint; a latest step shown to be corrupt is set aside
+with a warning in favour of the previous one, and any other restore failure stops the run.
 """
+import importlib.metadata
 import json
+import pathlib
+import re
+import subprocess
 import time
 from typing import Any
 
@@ -19,13 +23,19 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dunet_jax import sharding, storage, train_state
+from dunet_jax import multihost, sharding, storage, train_state
 from dunet_jax.models import dunet
 
 CONFIG_FILE = 'config.json'
+VERSIONS_FILE = 'versions.json'
+# The layout of a workdir's checkpoints and the meaning of its recorded config. Workdirs written
+# before it was recorded (commit b1c9a4c and earlier) are format 1. Bump it, with a conversion in
+# `upgrade_config` (or on restore), when a change would make older runs restore differently.
+CHECKPOINT_FORMAT = 2
+LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorstore', 'tensorflow', 'tensorflow-cpu',
+             'tensorflow-datasets', 'numpy')
 CHECKPOINT_DIR = 'checkpoints'
 RECONSTRUCTION_FILE = 'reconstruction.npz'
 # Orbax's mark of a finished save on file systems without atomic rename (gs://).
@@ -80,30 +90,83 @@ def restore(manager: ocp.CheckpointManager, abstract: dict[str, Any], step: int 
 
   `abstract` maps item names ('params', 'model_state', 'opt_state') to trees of
   jax.ShapeDtypeStruct carrying the target shardings. Returns None when there is no checkpoint.
-  With `set_aside_unreadable` (training), an unreadable step is renamed to
+  Only a step shown to be incomplete or corrupt (see `unreadable_reason`) is passed over for the
+  previous one, with the reason logged; with `set_aside_unreadable` (training) it is renamed to
   `<step>.unreadable-<time>` rather than deleted, so that the resumed run can write that step anew.
+  Any other failure (an I/O error, a timeout, out of memory, a tree that does not match this
+  model) raises and moves nothing. Every process restores; the list of steps and each step's
+  verdict are decided once, for all of them (`multihost`).
   """
-  steps = sorted(manager.all_steps(), reverse=True)
+  steps = multihost.chief_decides('checkpoint steps', lambda: sorted(manager.all_steps(), reverse=True))
   if step is not None:
     if step not in steps:
       raise FileNotFoundError(f'No checkpoint for step {step} in {manager.directory}; available: {sorted(steps)}.')
     steps = [step]
   for candidate in steps:
+    restored, verdict, failure = None, {'ok': True}, None
     try:
       restored = manager.restore(candidate, args=ocp.args.Composite(
           **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}))
-    except Exception as error:  # noqa: BLE001 - any unreadable step falls back to the previous one
-      if step is not None or candidate == steps[-1]:
-        raise IncompatibleCheckpointError(
-            f'Checkpoint {manager.directory}/{candidate} cannot be restored into this model ({error}). '
-            'It was written by another model or config, or it is corrupt: use a fresh --workdir.') from error
-      logging.warning('Checkpoint step %d in %s is unreadable (%s); trying the previous one.',
-                      candidate, manager.directory, error)
-      if set_aside_unreadable:
-        _set_aside(manager, candidate)
-      continue
-    return {name: restored[name] for name in abstract}, candidate
+    except Exception as error:  # noqa: BLE001 - classified below; anything not shown corrupt is raised
+      verdict, failure = _verdict(manager, candidate, error)
+    verdicts = multihost.gather(f'restore verdict {candidate}', verdict)
+    if failure is not None:
+      raise failure
+    failed = next((v for v in verdicts if 'error' in v), None)
+    if failed is not None:  # on another process: every process stops with it
+      raise multihost.rebuild_error(failed)
+    reasons = [v['unreadable'] for v in verdicts if 'unreadable' in v]
+    if not reasons:
+      return {name: restored[name] for name in abstract}, candidate
+    if step is not None or candidate == steps[-1]:
+      raise IncompatibleCheckpointError(
+          f'Checkpoint {manager.directory}/{candidate} is incomplete or corrupt ({reasons[0]}), and there is no '
+          'older one to resume from: move it away to start again in this --workdir, or use a fresh --workdir.')
+    logging.warning('Checkpoint step %d in %s is incomplete or corrupt (%s); trying the previous one.',
+                    candidate, manager.directory, reasons[0])
+    if set_aside_unreadable:
+      _set_aside(manager, candidate)
   return None
+
+
+# tensorstore status codes that describe the stored bytes themselves: undecodable, missing, or
+# shorter than their metadata says. Others (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+# PERMISSION_DENIED, UNKNOWN, ...) can pass or are the environment's, and are raised.
+_CORRUPT_STATUSES = ('DATA_LOSS', 'NOT_FOUND', 'OUT_OF_RANGE')
+
+
+def unreadable_reason(error: BaseException) -> str | None:
+  """Why `error` shows the checkpoint itself to be incomplete or corrupt; None if it does not."""
+  while error is not None:
+    if isinstance(error, json.JSONDecodeError):
+      return f'corrupt metadata: {error}'
+    if isinstance(error, FileNotFoundError):
+      return f'missing file: {error}'
+    status = str(error).split(':', 1)[0]
+    if status in _CORRUPT_STATUSES:
+      return str(error).split(' [tensorstore_spec', 1)[0]
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _verdict(manager: ocp.CheckpointManager, step: int,
+             error: Exception) -> tuple[dict[str, Any], Exception | None]:
+  """This process's verdict on a failed restore, for the others, and the error it raises (if any)."""
+  reason = unreadable_reason(error)
+  if reason is not None:
+    return {'unreadable': reason}, None
+  if _is_tree_mismatch(error):
+    mismatch = IncompatibleCheckpointError(
+        f'Checkpoint {manager.directory}/{step} does not fit this model ({error}). It was written by another '
+        'model, config or code version: resume it with the code and config that wrote it, or use a fresh --workdir.')
+    mismatch.__cause__ = error
+    error = mismatch
+  return multihost.describe_error(error), error
+
+
+def _is_tree_mismatch(error: Exception) -> bool:
+  text = str(error)
+  return 'tree structures do not match' in text or 'is not compatible with the stored shape' in text
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
@@ -112,18 +175,50 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   On gs:// the folder is copied whole, then deleted starting with orbax's commit marker, so a
   crash midway leaves either the step in place or a complete copy beside an unfinished save.
   """
-  if jax.process_index() == 0:
+
+  def move() -> None:
     folder = storage.path(manager.directory) / str(step)
     target = folder.with_name(f'{step}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}')
     storage.move_folder(folder, target, remove_first=COMMIT_MARKER)
     logging.warning('Moved the unreadable checkpoint to %s.', target)
-  multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+
+  multihost.chief_decides(f'set aside checkpoint {step}', move)  # the others wait for the move
   manager.reload()
 
 
 def abstract_with_shardings(tree: Any, mesh: Mesh) -> Any:
   """ShapeDtypeStructs for `tree` whose shardings fit `mesh` (FSDP rules, else replicated)."""
   return train_state.abstract(tree, sharding.tree_shardings(mesh, tree))
+
+
+def record_versions(workdir: storage.PathLike) -> None:
+  """Appends this start's code and library versions to the workdir's versions.json, which also holds
+  its checkpoint format; refuses a workdir written in a format newer than this code reads."""
+  path = storage.path(workdir) / VERSIONS_FILE
+  recorded = json.loads(path.read_text()) if path.exists() else {'checkpoint_format': CHECKPOINT_FORMAT, 'starts': []}
+  if recorded['checkpoint_format'] > CHECKPOINT_FORMAT:
+    raise IncompatibleCheckpointError(
+        f'{workdir} holds checkpoints in format {recorded["checkpoint_format"]} (see {path}), newer than this '
+        f'code reads ({CHECKPOINT_FORMAT}): use the dunet_jax release that wrote it or a newer one.')
+  recorded['starts'].append({'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'dunet_jax': code_version(),
+                             'libraries': {name: version for name in LIBRARIES
+                                           if (version := _installed_version(name)) != 'not installed'}})
+  path.write_text(json.dumps(recorded, indent=2))
+
+
+def code_version() -> str:
+  """dunet_jax's installed version, and the git commit of its checkout when it runs from one."""
+  version = _installed_version('dunet_jax')
+  commit = subprocess.run(['git', '-C', str(pathlib.Path(__file__).parent), 'rev-parse', 'HEAD'],
+                          capture_output=True, text=True, check=False).stdout.strip()
+  return f'{version} (git {commit})' if commit else version
+
+
+def _installed_version(distribution: str) -> str:
+  try:
+    return importlib.metadata.version(distribution)
+  except importlib.metadata.PackageNotFoundError:
+    return 'not installed'
 
 
 def _flatten(config: dict, prefix: str = '') -> dict[str, Any]:
@@ -146,11 +241,43 @@ def save_config(workdir: storage.PathLike, config: ml_collections.ConfigDict) ->
 
 
 def load_config(workdir: storage.PathLike) -> ml_collections.ConfigDict:
+  """The run's recorded config in this release's terms (see `upgrade_config`)."""
   path = storage.path(workdir) / CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(f'{path} not found: {workdir} is not a dunet_jax workdir (it has no recorded config). '
                             'Pass the --workdir of a training run.')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return upgrade_config(json.loads(path.read_text()), recorded_format(workdir))
+
+
+def recorded_format(workdir: storage.PathLike) -> int:
+  """The checkpoint format a workdir was written in (1: before formats were recorded)."""
+  path = storage.path(workdir) / VERSIONS_FILE
+  return json.loads(path.read_text())['checkpoint_format'] if path.exists() else 1
+
+
+def upgrade_config(recorded: dict, checkpoint_format: int) -> ml_collections.ConfigDict:
+  """A config recorded by an earlier release, in this release's terms: keys that were renamed or
+  removed are converted, and keys added since take their defaults (configs/default.py).
+
+  Format 1 (up to commit b1c9a4c): a ResNet feature 'bXuYc3' was the unit's output, which is
+  now 'bXuY' ('bXuYc3' became BN(conv3) before the residual add); `data.ignore_label` was a key.
+  """
+  from configs import default
+  recorded = json.loads(json.dumps(recorded))
+  if checkpoint_format < 2:
+    recorded['data'].pop('ignore_label', None)
+    if recorded['model'].get('backbone', 'resnet') == 'resnet':
+      recorded['model']['fuse_features'] = [re.sub(r'^(b\d+u\d+)c3$', r'\1', name)
+                                            for name in recorded['model'].get('fuse_features', [])]
+  config = default.get_config()
+  unknown = sorted(set(_flatten(recorded)) - set(_flatten(config_to_dict(config))))
+  if unknown:
+    raise IncompatibleCheckpointError(
+        f'The recorded config has keys this release does not know ({", ".join(unknown)}): it was written by '
+        'a newer dunet_jax; use that release.')
+  config.update_from_flattened_dict({key: tuple(value) if isinstance(value, list) else value
+                                     for key, value in _flatten(recorded).items()})
+  return config
 
 
 def check_resumable(workdir: storage.PathLike, config: ml_collections.ConfigDict) -> None:

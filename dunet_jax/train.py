@@ -19,11 +19,10 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dunet_jax import (checkpoint, evaluate, event_writer, fine_tune, metrics, preemption, progress, reconstruction,
-                       sharding, storage, throughput, train_state)
+from dunet_jax import (checkpoint, evaluate, event_writer, fine_tune, metrics, multihost, preemption, progress,
+                       reconstruction, sharding, storage, throughput, train_state)
 from dunet_jax.data import IGNORE_LABEL, datasets, pipeline
 from dunet_jax.models import config_checks
 
@@ -69,7 +68,7 @@ def fit_or_load_w(config: ml_collections.ConfigDict, workdir: epath.Path, builde
   path = workdir / checkpoint.RECONSTRUCTION_FILE
   expected = dict(expect_ratio=config.model.output_stride, expect_num_classes=config.data.num_classes,
                   expect_num_components=config.model.num_components)
-  if path.exists():
+  if multihost.chief_decides('reconstruction exists', path.exists):
     return reconstruction.load_reconstruction(path, **expected).w
   started = time.time()
   label_batches = pipeline.eval_batches(
@@ -87,9 +86,8 @@ def fit_or_load_w(config: ml_collections.ConfigDict, workdir: epath.Path, builde
       num_components=config.model.num_components, mesh=mesh)
   logging.info('Fitted W (%d x %d) from %d label windows in %.1fs.', *fit.w.shape, fit.num_windows,
                time.time() - started)
-  if jax.process_index() == 0:
-    reconstruction.save_reconstruction(path, fit)
-  return fit.w
+  multihost.chief_decides('reconstruction written', lambda: reconstruction.save_reconstruction(path, fit))
+  return reconstruction.load_reconstruction(path, **expected).w  # the one written copy, on every process
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> dict:
@@ -98,18 +96,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
   workdir = storage.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
-  if (workdir / checkpoint.CONFIG_FILE).exists():
-    checkpoint.check_resumable(workdir, config)
-  elif is_chief:
-    checkpoint.save_config(workdir, config)
+  multihost.chief_decides('config recorded', lambda: _record_or_check_config(workdir, config))
 
   writer = event_writer.metric_writer(workdir, just_logging=not is_chief)
   mesh = sharding.make_mesh(config.mesh)
-  if is_chief:
-    builder = datasets.prepare(config.data)
-  multihost_utils.sync_global_devices('dataset prepared')
-  if not is_chief:
-    builder = datasets.prepare(config.data)
+  # Process 0 builds the dataset (minutes from real archives) while the others wait; then all open it.
+  builder = multihost.chief_first('dataset prepared', lambda: datasets.prepare(config.data))
 
   source = fine_tune.open_source(config, workdir, mesh)  # None unless train.init_from starts this run
   fitted_w = fit_or_load_w(config, workdir, builder, mesh)
@@ -185,6 +177,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
     manager.close()
     writer.flush()
   return eval_metrics
+
+
+def _record_or_check_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+  """Records the run's config in a new workdir (refuses to resume one recorded with another) and the
+  versions of the code and libraries that run it."""
+  if (workdir / checkpoint.CONFIG_FILE).exists():
+    checkpoint.check_resumable(workdir, config)
+  else:
+    checkpoint.save_config(workdir, config)
+  checkpoint.record_versions(workdir)
 
 
 def _check_finite(checks: list[tuple[jax.Array, jax.Array]], step: int, manager: Any) -> None:

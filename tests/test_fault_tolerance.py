@@ -25,8 +25,8 @@ NUM_STEPS = 20
 CHECKPOINT_EVERY = 5
 
 
-def _command(workdir, data_dir, *overrides, extra_flags=()):
-  return [sys.executable, '-m', 'dunet_jax.main', '--config=configs/synthetic.py:test', f'--workdir={workdir}',
+def _command(workdir, data_dir, *overrides, extra_flags=(), program=('-m', 'dunet_jax.main')):
+  return [sys.executable, *program, '--config=configs/synthetic.py:test', f'--workdir={workdir}',
           f'--config.data.manual_dir={data_dir}/manual', f'--config.data.tfds_data_dir={data_dir}/tfds',
           f'--config.train.num_steps={NUM_STEPS}', f'--config.train.checkpoint_every={CHECKPOINT_EVERY}',
           '--config.train.keep_checkpoints=10', '--config.train.eval_every=1000', *overrides, *extra_flags]
@@ -51,9 +51,10 @@ def _params(workdir, step=None):
   return restored_step, jax.device_get(nnx.to_pure_dict(nnx.state(model)))
 
 
-def _start(workdir, data_dir, *overrides, devices=1, extra_flags=()):
-  return subprocess.Popen(_command(workdir, data_dir, *overrides, extra_flags=extra_flags), cwd=REPO_ROOT,
-                          env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(workdir, data_dir, *overrides, devices=1, extra_flags=(), program=('-m', 'dunet_jax.main')):
+  return subprocess.Popen(_command(workdir, data_dir, *overrides, extra_flags=extra_flags, program=program),
+                          cwd=REPO_ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
 
 
 def _process_flags(coordinator_address, index, count=2):
@@ -174,12 +175,27 @@ def test_two_processes_match_one_process(tmp_path, data_dir, coordinator_address
   jax.tree_util.tree_map_with_path(check, got, expected, initial)
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, data_dir, coordinator_address):
-  """JAX's preemption notifier: a SIGTERM to process 1 only makes both processes save the same step
-  and exit with preemption.EXIT_CODE; the run then resumes from that step."""
+# Process 0 of a run whose dataset build takes longer than gloo's 30 s wait for a peer.
+SLOW_PREPARE_SECONDS = 35
+SLOW_CHIEF = f"""
+import runpy, sys, time
+from dunet_jax.data import datasets
+prepare = datasets.prepare
+datasets.prepare = lambda data_config: (time.sleep({SLOW_PREPARE_SECONDS}), prepare(data_config))[1]
+sys.argv[0] = 'dunet_jax.main'
+runpy.run_module('dunet_jax.main', run_name='__main__', alter_sys=True)
+"""
+
+
+def test_slow_chief_then_sigterm_to_one_of_two_processes_stops_both_at_one_step(
+    tmp_path, data_dir, coordinator_address):
+  """Process 1 waits for a process 0 that takes longer than gloo's 30 s timeout to prepare the data.
+  Then JAX's preemption notifier: a SIGTERM to process 1 only makes both processes save the same
+  step and exit with preemption.EXIT_CODE; the run then resumes from that step."""
   workdir = tmp_path / 'run'
   endless = '--config.train.num_steps=100000'  # the run can only end by preemption
-  processes = [_start(workdir, data_dir, endless, extra_flags=_process_flags(coordinator_address, index))
+  processes = [_start(workdir, data_dir, endless, extra_flags=_process_flags(coordinator_address, index),
+                      program=('-c', SLOW_CHIEF) if index == 0 else ('-m', 'dunet_jax.main'))
                for index in range(2)]
   _wait_for_checkpoint(processes[0], workdir, CHECKPOINT_EVERY)
   processes[1].send_signal(signal.SIGTERM)
@@ -192,3 +208,16 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, data_d
   # the rerun restores it and compiles nothing.
   resumed = _run(workdir, data_dir, f'--config.train.num_steps={stopped[0]}')
   assert f'at step {stopped[0]}' in resumed.stderr and 'Training already complete' in resumed.stderr
+
+
+def test_a_failing_chief_stops_every_process_with_its_error(tmp_path, coordinator_address):
+  """Process 0 cannot build the dataset (no such folder): both processes exit with that error, and
+  neither waits for the other at a barrier."""
+  missing = tmp_path / 'no_such_voc'
+  processes = [_start(tmp_path / 'run', tmp_path, '--config.data.synthetic=False',
+                      f'--config.data.manual_dir={missing}',
+                      extra_flags=_process_flags(coordinator_address, index)) for index in range(2)]
+  outputs = [p.communicate(timeout=240)[0] for p in processes]
+  for index, (process, output) in enumerate(zip(processes, outputs)):
+    assert process.returncode not in (0, None) and str(missing) in output, (index, output[-3000:])
+  assert 'on process 0' in outputs[1]

@@ -1,4 +1,5 @@
 """The training spine: sharded steps equal single-device steps, checkpoints round-trip, the CLI."""
+import errno
 import os
 import pathlib
 import subprocess
@@ -115,6 +116,50 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _arrays(restored), expected)
   assert jax.tree.leaves(jax.tree.map(lambda leaf: leaf.sharding, restored)) == jax.tree.leaves(fresh_shardings)
   assert any(np.abs(np.asarray(m)).max() > 0 for m in jax.tree.leaves(expected['opt_state']))  # momentum saved
+
+
+def _step_folders(manager) -> list[str]:
+  return sorted(path.name for path in pathlib.Path(manager.directory).iterdir())
+
+
+def test_restore_sets_aside_only_corrupt_steps(tmp_path, monkeypatch):
+  """A failed read, or a tree that does not fit the model, stops the restore and moves nothing (the
+  rerun resumes from the newest step); only a step shown corrupt is set aside for the previous one."""
+  config = _tiny_config()
+  mesh = sharding.make_mesh(config.mesh)
+  state, shardings = train_state.create_train_state(config, _fitted_w(config), mesh)
+  manager = checkpoint.make_manager(tmp_path)
+  for step in (1, 2):
+    checkpoint.save(manager, step, state)
+    manager.wait_until_finished()
+
+  manager = checkpoint.make_manager(tmp_path)
+  real_restore, failures = manager.restore, [OSError(errno.EIO, 'Input/output error (injected once)')]
+
+  def restore_that_fails_once(*args, **kwargs):
+    if failures:
+      raise failures.pop()
+    return real_restore(*args, **kwargs)
+
+  monkeypatch.setattr(manager, 'restore', restore_that_fails_once)
+  with pytest.raises(OSError, match='injected once'):
+    checkpoint.restore_train_state(manager, state, shardings)
+  assert _step_folders(manager) == ['1', '2']
+  assert checkpoint.restore_train_state(manager, state, shardings)[1] == 2  # the rerun: no step lost
+
+  abstract = checkpoint.abstract_with_shardings(state.params, mesh)
+  first_kernel = next(path for path, leaf in jax.tree_util.tree_leaves_with_path(abstract) if leaf.ndim == 4)
+  params = jax.tree_util.tree_map_with_path(  # one kernel with another shape: another model's checkpoint
+      lambda path, leaf: jax.ShapeDtypeStruct((leaf.shape[0] + 1, *leaf.shape[1:]), leaf.dtype, sharding=leaf.sharding)
+      if path == first_kernel else leaf, abstract)
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match='does not fit this model'):
+    checkpoint.restore(manager, {'params': params}, set_aside_unreadable=True)
+  assert _step_folders(manager) == ['1', '2']
+
+  (tmp_path / 'checkpoints' / '2' / 'params' / '_METADATA').write_bytes(b'\0' * 7)
+  assert checkpoint.restore_train_state(manager, state, shardings)[1] == 1
+  folders = _step_folders(manager)
+  assert folders[0] == '1' and folders[1].startswith('2.unreadable-') and len(folders) == 2
 
 
 def _main(workdir, *overrides, check=True, env=None):
