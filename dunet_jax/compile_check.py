@@ -214,12 +214,13 @@ def _array_bytes(shape_text: str) -> int:
 def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{op: {'count', 'bytes'}} of the collectives in an optimised HLO module (per chip).
 
-  An async '-start' op's result holds its operands and its results, so half its bytes are counted.
+  An async all-reduce-start's result is the reduced arrays, as a synchronous all-reduce's; the other
+  ops' '-start' results hold their operands and their results, so half of those bytes are counted.
   """
   counts = {op: {'count': 0, 'bytes': 0} for op in COLLECTIVES}
   for shape, op, start in _COLLECTIVE_RE.findall(hlo_text):
     counts[op]['count'] += 1
-    counts[op]['bytes'] += _array_bytes(shape) // (2 if start else 1)
+    counts[op]['bytes'] += _array_bytes(shape) // (2 if start and op != 'all-reduce' else 1)
   return counts
 
 

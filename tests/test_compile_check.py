@@ -147,14 +147,16 @@ def test_hlo_collective_parser_on_known_lines():
   %all-reduce.1 = f32[64]{0} all-reduce(f32[64]{0} %x), replica_groups={{0,1,2,3}}, to_apply=%add
   %ar = (f32[2,3]{1,0}, bf16[8]{0}) all-reduce(f32[2,3]{1,0} %a, bf16[8]{0} %b), to_apply=%add
   %ag-start = (f32[4]{0}, f32[16]{0}) all-gather-start(f32[4]{0} %p), dimensions={0}
+  %ars = bf16[10]{0} all-reduce-start(bf16[10]{0} %g), to_apply=%add
+  %ard = bf16[10]{0} all-reduce-done(bf16[10]{0} %ars)
   %ag-done = f32[16]{0} all-gather-done((f32[4]{0}, f32[16]{0}) %ag-start)
   %add.2 = f32[64]{0} add(f32[64]{0} %all-reduce.1, f32[64]{0} %all-reduce.1)
   '''
   counts = compile_check.count_collectives(text)
-  assert counts['all-reduce'] == {'count': 2, 'bytes': 64 * 4 + 6 * 4 + 8 * 2}
+  assert counts['all-reduce'] == {'count': 3, 'bytes': 64 * 4 + 6 * 4 + 8 * 2 + 10 * 2}
   assert counts['all-gather'] == {'count': 1, 'bytes': (4 + 16) * 4 // 2}
   seconds = compile_check.collective_seconds(counts, latency_s=1e-5, ici_bytes_per_s=1e9)
-  assert seconds == pytest.approx(3e-5 + (2 * 296 + 40) / 1e9)
+  assert seconds == pytest.approx(4e-5 + (2 * 316 + 40) / 1e9)
 
 
 def test_cli_refuses_a_batch_that_does_not_split_over_the_chips():
