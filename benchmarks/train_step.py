@@ -2,6 +2,7 @@
 
   python benchmarks/train_step.py                       # DUNet-ResNet-50, OS 16, 512x512, batch 2
   python benchmarks/train_step.py --dtype=bf16 --batch_size=16 --peak_flops=790e12   # an H200
+  python benchmarks/train_step.py --dtype=both   # CPU: float32 and bf16 (and the PyTorch peer) in one run
 
 Reports the median step time, images/s, model FLOPs per step (XLA cost analysis of the compiled
 step, 2 per multiply-add), achieved FLOP/s and MFU against the chip's peak. On CPU, where a peak
@@ -56,8 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--preset', default='r50_os16', choices=sorted(PRESETS))
   parser.add_argument('--batch_size', type=int, default=2, help='global batch, split over all devices')
   parser.add_argument('--crop', type=int, default=512, help='square image size')
-  parser.add_argument('--dtype', default='auto', choices=['auto', *DTYPES],
-                      help='compute dtype; auto = f32 on CPU (bf16 is slow on XLA:CPU), bf16 elsewhere')
+  parser.add_argument('--dtype', default='auto', choices=['auto', 'both', *DTYPES],
+                      help='compute dtype; auto = f32 on CPU, bf16 elsewhere; both = f32 and bf16 in '
+                           'one run (one JSON line each, the PyTorch peer timed once for both)')
+  parser.add_argument('--cpu_conv', default='xla', choices=['xla', 'matmul'],
+                      help='model.cpu_conv: how 3x3 convolutions run on CPU (dunet_jax/models/cpu_conv.py)')
   parser.add_argument('--steps', type=int, default=3, help='timed steps (after --warmup untimed ones)')
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--peak_flops', type=float, default=0.0,
@@ -74,12 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def make_config(args: argparse.Namespace, platform: str):
+def make_config(args: argparse.Namespace, platform: str, dtype: str | None = None):
   config = default.get_config()
   for key, value in PRESETS[args.preset].items():
     setattr(config.model, key, value)
-  dtype = args.dtype if args.dtype != 'auto' else ('f32' if platform == 'cpu' else 'bf16')
+  dtype = dtype or args.dtype
+  dtype = dtype if dtype != 'auto' else ('f32' if platform == 'cpu' else 'bf16')
   config.model.compute_dtype = DTYPES[dtype]
+  config.model.cpu_conv = args.cpu_conv
   config.train.batch_size = args.batch_size
   config.data.crop_size = args.crop
   config.train.peak_flops = args.peak_flops
@@ -113,9 +119,9 @@ def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
   return {'image': rng.integers(0, 256, (*shape, 3), dtype=np.uint8), 'label': labels}
 
 
-def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def benchmark(args: argparse.Namespace, dtype: str | None = None) -> dict[str, Any]:
   device = jax.devices()[0]
-  config = make_config(args, device.platform)
+  config = make_config(args, device.platform, dtype)
   mesh = sharding.make_mesh(config.mesh, jax.local_devices())
   rng = np.random.default_rng(0)
   ratio = config.model.output_stride
@@ -151,7 +157,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
   result = {
     'benchmark': 'train_step', 'preset': args.preset, 'backend': device.platform,
     'device_kind': device.device_kind, 'num_devices': mesh.size, 'batch_size': args.batch_size,
-    'crop': args.crop, 'compute_dtype': config.model.compute_dtype, 'steps': args.steps,
+    'crop': args.crop, 'compute_dtype': config.model.compute_dtype, 'cpu_conv': args.cpu_conv,
+    'steps': args.steps,
     'compile_s': round(compile_seconds, 2), 'step_time_s': step_time, 'step_times_s': step_times,
     'images_per_s': args.batch_size / step_time, 'flops_per_step': flops_per_step,
     'achieved_flops_per_s': achieved, 'peak_flops_per_device': peak,
@@ -168,17 +175,23 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
       'fraction_of_matmul': achieved / (matmul_flops / reference['wall_s']),
       'fraction_of_matmul_cpu_time': (flops_per_step / step_cpu) / (matmul_flops / reference['cpu_s']),
       'step_cpu_s': step_cpu, 'matmul_cpu_s': reference['cpu_s']})
-  if args.torch == 'yes' or (args.torch == 'auto' and device.platform == 'cpu' and args.preset == 'r50_os16'
-                             and args.batch_size >= 2 and torch_peer.available()):
-    for name, peer in torch_peer.run(args.batch_size, args.crop, config.data.num_classes,
-                                     steps=args.steps, warmup=args.warmup).items():
-      result[f'torch_{name}_step_time_s'] = peer
-      result[f'dunet_over_torch_{name}'] = step_time / peer
   return result
 
 
 def main(argv: list[str] | None = None) -> None:
-  print(json.dumps(benchmark(parse_args(argv))))
+  args = parse_args(argv)
+  results = [benchmark(args, dtype) for dtype in (('f32', 'bf16') if args.dtype == 'both' else (None,))]
+  if args.torch == 'yes' or (args.torch == 'auto' and jax.devices()[0].platform == 'cpu'
+                             and args.preset == 'r50_os16' and args.batch_size >= 2
+                             and torch_peer.available()):
+    peers = torch_peer.run(args.batch_size, args.crop, default.get_config().data.num_classes,
+                           steps=args.steps, warmup=args.warmup)
+    for result in results:
+      for name, peer in peers.items():
+        result[f'torch_{name}_step_time_s'] = peer
+        result[f'dunet_over_torch_{name}'] = result['step_time_s'] / peer
+  for result in results:
+    print(json.dumps(result))
 
 
 if __name__ == '__main__':

@@ -11,9 +11,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from dunet_jax.models import cpu_conv
 from dunet_jax.models.aspp import ASPP, scaled_rates
 from dunet_jax.models.decoders import build_decoder
-from dunet_jax.models.layers import head_init
+from dunet_jax.models.layers import Conv2d, head_init
 from dunet_jax.models.resnet import STAGE_BLOCKS, ResNet
 
 
@@ -57,6 +58,13 @@ class DUNet(nnx.Module):
                                  num_classes, reconstruction, dtype=dtype, rngs=rngs)
     self.pixel_mean = tuple(255.0 * m for m in model_config.pixel_mean)
     self.pixel_std = tuple(255.0 * s for s in model_config.pixel_std)
+    implementation = model_config.get('cpu_conv', 'xla')
+    if implementation not in cpu_conv.IMPLEMENTATIONS:
+      raise ValueError(f'config.model.cpu_conv={implementation!r}: use one of '
+                       f'{cpu_conv.IMPLEMENTATIONS}')
+    for _, module in nnx.iter_modules(self):
+      if isinstance(module, Conv2d):
+        module.implementation = implementation
 
   def temperature(self) -> jax.Array:
     """T of the DUpsample decoder (1 for the bilinear decoders, which have none)."""

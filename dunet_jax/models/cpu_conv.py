@@ -1,0 +1,115 @@
+"""Stride-1 convolutions as shifted matmuls, so that bfloat16 reaches XLA:CPU's bf16 dot kernels.
+
+XLA:CPU (jaxlib 0.10) computes a bfloat16 `convolution` in float32 (it converts both operands and
+the result), so a bf16 network gains nothing on its convolutions; a bf16 x bf16 -> f32 `dot` whose
+operands are row-major (contracting dimension last on the left, first on the right) runs in YNNPACK's
+bf16 kernels instead. Here a k x k convolution (any dilation, stride 1) is k*k such dots: the padded
+image is flattened to rows of (batch * padded height * padded width, channels), where moving the
+window by (i, j) taps is a contiguous slice of rows starting at i * dilation * padded_width +
+j * dilation; the output is computed on the padded width (and across image boundaries) and the
+extra columns and rows are dropped. The backward pass (a custom VJP) keeps the same form: the input
+gradient is k*k dots of the row-shifted output gradient with the transposed taps; the kernel
+gradient is k*k dots of the transposed output gradient with the same input slices (XLA:CPU still
+runs those in float32: it folds the transpose back into the dot).
+
+With model.cpu_conv='matmul', `conv2d` picks this path at LOWERING time
+(`jax.lax.platform_dependent`), so a program traced on a CPU host and lowered for TPU or GPU keeps
+XLA's convolution there. It is not the default: on this project's CPU (AMD EPYC, AVX-512 BF16, no
+AMX) a bf16 DUNet-R50-OS16 train step (crop 256, batch 2) took 1.07x the wall time and 1.11x the
+CPU time with it on the 3x3 convolutions of 256 or more channels than with XLA's convolution (same
+run, under load; README): the kernel-gradient dots stay in float32 and the row slices cost memory
+traffic. It is kept, tested equal, for CPUs with faster bf16 matmul units.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ('xla', 'matmul')
+
+
+def xla_conv(x: jax.Array, kernel: jax.Array, *, stride: int, dilation: int,
+             groups: int) -> jax.Array:
+  """NHWC x HWIO convolution with PyTorch's symmetric padding dilation * (k - 1) / 2."""
+  pad = dilation * (kernel.shape[0] - 1) // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+      rhs_dilation=(dilation, dilation), feature_group_count=groups,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _geometry(shape: tuple[int, ...], size: int, dilation: int):
+  batch, height, width, _ = shape
+  pad = dilation * (size - 1) // 2
+  padded_width = width + 2 * pad
+  per_image = (height + 2 * pad) * padded_width
+  offsets = [i * dilation * padded_width + j * dilation for i in range(size) for j in range(size)]
+  rows = batch * per_image - offsets[-1]  # output rows: the last tap's slice must stay in range
+  return pad, padded_width, per_image, offsets, rows
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def shifted_matmul_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+  """Stride-1, ungrouped NHWC x HWIO convolution (odd square kernel) as k*k row-shifted matmuls.
+
+  `kernel` may be float32 (a parameter): it is cast to x's dtype, and its gradient comes back in
+  the kernel's dtype, accumulated in float32.
+  """
+  return _forward(x, kernel, dilation)[0]
+
+
+def _forward(x, kernel, dilation):
+  size = kernel.shape[0]
+  batch, height, width, channels = x.shape
+  pad, padded_width, per_image, offsets, rows = _geometry(x.shape, size, dilation)
+  flat = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).reshape(batch * per_image, channels)
+  taps = kernel.astype(x.dtype).reshape(size * size, channels, -1)
+  y = sum(jnp.dot(flat[offset:offset + rows], taps[t], preferred_element_type=jnp.float32)
+          for t, offset in enumerate(offsets))
+  y = jnp.pad(y.astype(x.dtype), ((0, batch * per_image - rows), (0, 0)))
+  y = y.reshape(batch, per_image, -1)[:, :height * padded_width]
+  return y.reshape(batch, height, padded_width, -1)[:, :, :width], (flat, kernel)
+
+
+def _backward(dilation, residuals, grad):
+  flat, kernel = residuals
+  size = kernel.shape[0]
+  batch, height, width, out_channels = grad.shape
+  channels = flat.shape[-1]
+  pad, padded_width, per_image, offsets, rows = _geometry(
+      (batch, height, width, channels), size, dilation)
+  # The output gradient on the forward's row grid, zero on the rows the forward dropped.
+  grad_rows = jnp.pad(grad, ((0, 0), (0, 2 * pad), (0, padded_width - width), (0, 0)))
+  grad_rows = grad_rows.reshape(batch * per_image, out_channels)[:rows]
+  last = offsets[-1]
+  grad_padded = jnp.pad(grad_rows, ((last, last), (0, 0)))
+  taps_t = jnp.swapaxes(kernel.astype(grad.dtype).reshape(size * size, channels, out_channels), 1, 2)
+  dx = sum(jnp.dot(grad_padded[last - offset:last - offset + batch * per_image], taps_t[t],
+                   preferred_element_type=jnp.float32) for t, offset in enumerate(offsets))
+  dx = dx.reshape(batch, height + 2 * pad, padded_width, channels)[:, pad:pad + height, pad:pad + width]
+  grad_t = grad_rows.T
+  dkernel = jnp.stack([jnp.dot(grad_t, flat[offset:offset + rows], preferred_element_type=jnp.float32)
+                       for offset in offsets])
+  dkernel = jnp.swapaxes(dkernel, 1, 2).reshape(kernel.shape)
+  return dx.astype(grad.dtype), dkernel.astype(kernel.dtype)
+
+
+shifted_matmul_conv.defvjp(_forward, _backward)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation: int = 1, groups: int = 1,
+           implementation: str = 'xla') -> jax.Array:
+  """NHWC convolution, symmetric padding; `kernel` (HWIO) is cast to x's dtype.
+
+  implementation: 'xla' = XLA's convolution; 'matmul' = shifted matmuls where they apply (stride 1,
+  no groups, odd square kernel) when the program is lowered for CPU, XLA's convolution otherwise.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'model.cpu_conv={implementation!r}: use one of {IMPLEMENTATIONS}')
+  def accelerator(x, kernel):
+    return xla_conv(x, kernel.astype(x.dtype), stride=stride, dilation=dilation, groups=groups)
+  size = kernel.shape[0]
+  if implementation == 'xla' or stride != 1 or groups != 1 or kernel.shape[1] != size or size % 2 == 0:
+    return accelerator(x, kernel)
+  return jax.lax.platform_dependent(
+      x, kernel, cpu=lambda x, kernel: shifted_matmul_conv(x, kernel, dilation), default=accelerator)
