@@ -45,10 +45,19 @@ COMMIT_MARKER = 'commit_success.txt'
 # often things happen, evaluation settings and the device layout. Everything else changes
 # what is trained, so resuming with another value is refused.
 RESUMABLE_CHANGES = ('data.manual_dir', 'data.tfds_data_dir', 'data.skip_bad_files',
-                     'train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
+                     'train.log_every', 'train.eval_every', 'train.checkpoint_every',
                      'train.keep_checkpoints', 'train.peak_flops', 'eval.', 'mesh.',
                      'model.require_pretrained',  # a start-time guard; runs recorded before it lack it
                      'train.init_from')  # read only when a run starts: a resumed run never reads its source
+
+
+# Optimisation settings a user may change when resuming (a lower learning rate after a NaN, more
+# steps): allowed, with a warning naming them. The poly schedule is a function of the step and
+# train.num_steps: with another num_steps a resumed run continues on the new schedule at its step,
+# lr * (1 - step / num_steps) ** poly_power, so the learning rate jumps to that value (it is not
+# the old remainder stretched); a num_steps at or below the step ends training.
+OPTIMISATION_CHANGES = ('train.learning_rate', 'train.num_steps', 'train.poly_power', 'train.weight_decay',
+                        'train.momentum')
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -237,6 +246,10 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def save_config(workdir: storage.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Records a new run's config, and the checkpoint format its workdir is written in."""
+  versions = storage.path(workdir) / VERSIONS_FILE
+  if not versions.exists():
+    versions.write_text(json.dumps({'checkpoint_format': CHECKPOINT_FORMAT, 'starts': []}, indent=2))
   (storage.path(workdir) / CONFIG_FILE).write_text(config.to_json(indent=2))
 
 
@@ -281,16 +294,30 @@ def upgrade_config(recorded: dict, checkpoint_format: int) -> ml_collections.Con
 
 
 def check_resumable(workdir: storage.PathLike, config: ml_collections.ConfigDict) -> None:
-  """Refuses to resume a run whose recorded config differs in anything that changes training."""
+  """Refuses to resume a run whose recorded config differs in anything that changes what is trained;
+  warns about changed optimisation settings (OPTIMISATION_CHANGES)."""
   recorded = _flatten(config_to_dict(load_config(workdir)))
   current = _flatten(config_to_dict(config))
-  differing = sorted(key for key in recorded.keys() | current.keys()
-                     if recorded.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES))
-  if differing:
-    details = '; '.join(f'{key}: recorded {recorded.get(key)!r}, now {current.get(key)!r}' for key in differing)
+  changed = sorted(key for key in recorded.keys() | current.keys()
+                   if recorded.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES))
+  allowed = [key for key in changed if key in OPTIMISATION_CHANGES]
+  if allowed:
+    logging.warning('Resuming %s with changed optimisation settings: %s.', workdir,
+                    '; '.join(f'{key}: {recorded.get(key)!r} -> {current.get(key)!r}' for key in allowed))
+  refused = [key for key in changed if key not in OPTIMISATION_CHANGES]
+  if refused:
+    details = '; '.join(f'{key}: recorded {recorded.get(key)!r}, now {current.get(key)!r}' for key in refused)
+    flags = ' '.join(f'--config.{key}={_flag_value(recorded.get(key))}' for key in refused)
     raise IncompatibleCheckpointError(
-        f'{workdir} holds a run with another config ({details}). Resume with the recorded config '
-        f'({storage.path(workdir) / CONFIG_FILE}) or start a new run in a fresh --workdir.')
+        f'{workdir} holds a run with another config ({details}). To resume it, pass {flags} (its recorded '
+        f'values, from {storage.path(workdir) / CONFIG_FILE}); or start a new run in a fresh --workdir.')
+
+
+def _flag_value(value: Any) -> str:
+  """`value` written the way --config.key=VALUE accepts it (tuples in parentheses)."""
+  if isinstance(value, (list, tuple)):
+    return '"(' + ','.join(repr(item) for item in value) + (',' if len(value) == 1 else '') + ')"'
+  return str(value)
 
 
 def restore_model(workdir: storage.PathLike, step: int | None = None,

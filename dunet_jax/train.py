@@ -92,9 +92,8 @@ def fit_or_load_w(config: ml_collections.ConfigDict, workdir: epath.Path, builde
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> dict:
   """Trains (or resumes) the run in `workdir` to config.train.num_steps; returns the last eval metrics."""
-  config_checks.validate_model(config)
   workdir = storage.path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  check_before_start(config, workdir)
   is_chief = jax.process_index() == 0
   multihost.chief_decides('config recorded', lambda: _record_or_check_config(workdir, config))
 
@@ -177,6 +176,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
     manager.close()
     writer.flush()
   return eval_metrics
+
+
+def check_before_start(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """What can be checked before any data is built or W fitted: the model config, batch sizes that
+  split over this job's devices, and a workdir every process can write to. Each failure is one
+  message naming the key or path and a value that works."""
+  config_checks.validate_model(config)
+  devices = jax.device_count()
+  for section, name in (('train', 'batch_size'), ('eval', 'batch_size')):
+    value = config[section][name]
+    if value < 1 or value % devices:
+      raise ValueError(f'config.{section}.{name}={value} does not split over the {devices} devices of this job: '
+                       f'pass --config.{section}.{name}={devices * max(1, -(-value // devices))} (a multiple of {devices}).')
+  probe = workdir / f'.write_test.{jax.process_index()}'
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe.write_text('')
+    probe.unlink()
+  except OSError as error:
+    raise PermissionError(f'--workdir={workdir} cannot be written ({error}): pass a folder this job can create '
+                          'and write (checkpoints, config.json and W go there).') from error
 
 
 def _record_or_check_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
