@@ -10,6 +10,8 @@ which cannot rename, into the step's folder with commit_success.txt written last
 interrupted save never looks like a checkpoint; a latest step shown to be corrupt is set aside
 with a warning in favour of the previous one, and any other restore failure stops the run.
 """
+import contextlib
+import errno
 import importlib.metadata
 import json
 import pathlib
@@ -72,10 +74,36 @@ def make_manager(workdir: storage.PathLike, keep: int = 3, read_only: bool = Fal
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: train_state.TrainState) -> None:
-  """Starts an asynchronous save of the training state at `step` (every process must call it)."""
-  manager.save(step, args=ocp.args.Composite(
-      **{name: ocp.args.StandardSave(getattr(state, name)) for name in train_state.ARRAY_FIELDS},
-      progress=ocp.args.JsonSave({'step': int(step)})))
+  """Starts an asynchronous save of the training state at `step` (every process must call it).
+
+  A previous save that failed for lack of space raises here (see `finish`)."""
+  with _clear_disk_full_error(manager):
+    manager.save(step, args=ocp.args.Composite(
+        **{name: ocp.args.StandardSave(getattr(state, name)) for name in train_state.ARRAY_FIELDS},
+        progress=ocp.args.JsonSave({'step': int(step)})))
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the pending save; a full disk ends in one message (the previous checkpoint is intact:
+  orbax writes into a temporary folder and only a finished step counts)."""
+  with _clear_disk_full_error(manager):
+    manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _clear_disk_full_error(manager: ocp.CheckpointManager):
+  try:
+    yield
+  except Exception as error:
+    cause = error
+    while cause is not None and not ('No space left on device' in str(cause) or
+                                     getattr(cause, 'errno', None) == errno.ENOSPC):
+      cause = cause.__cause__ or cause.__context__
+    if cause is None:
+      raise
+    raise OSError(errno.ENOSPC, f'The disk holding {manager.directory} is full: a checkpoint could not be written '
+                  f'(the newest complete one, step {manager.latest_step()}, is intact). Free space there or give '
+                  'a --workdir with room, then rerun the same command to resume from it.') from error
 
 
 def restore_train_state(manager: ocp.CheckpointManager, state: train_state.TrainState,

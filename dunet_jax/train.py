@@ -159,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
       if step % config.train.checkpoint_every == 0 or is_last or stopping:
         checkpoint.save(manager, step, state)
       if stopping:
-        manager.wait_until_finished()
+        checkpoint.finish(manager)
         logging.warning('Stopped at step %d on a preemption notice (checkpoint saved); rerun the same '
                         'command to resume.', step)
         raise preemption.Preempted(step)
@@ -172,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
         batch = sharding.to_global(next(batches), mesh)
   finally:
     watcher.close()
-    manager.wait_until_finished()
+    checkpoint.finish(manager)
     manager.close()
     writer.flush()
   return eval_metrics

@@ -1,6 +1,7 @@
 """Resume rules and the checks made before anything is spent (in-process, no training)."""
 import logging
 import shlex
+import subprocess
 
 import jax
 import numpy as np
@@ -74,3 +75,33 @@ def test_unwritable_workdir_is_refused_before_anything_is_built(tmp_path):
   (tmp_path / 'a_file').write_text('')
   with pytest.raises(PermissionError, match=r'--workdir=.*a_file/run cannot be written'):
     train.train_and_evaluate(_config(), tmp_path / 'a_file' / 'run')
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 300 KB tmpfs (skips where this process may not mount one)."""
+  folder = tmp_path / 'small_disk'
+  folder.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=300k', 'tmpfs', str(folder)],
+                    capture_output=True, check=False).returncode:
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  yield folder
+  subprocess.run(['umount', str(folder)], check=True)
+
+
+def test_full_disk_during_a_save_is_one_message_and_keeps_the_previous_checkpoint(small_disk):
+  arrays = {'w': np.random.default_rng(0).normal(size=40_000).astype(np.float32)}  # 160 KB: one fits
+  state = train_state.TrainState(graphdef=None, tx=None, params=arrays, model_state={'m': np.zeros(2)},
+                                 opt_state={'count': np.zeros((), np.int32)})
+  manager = checkpoint.make_manager(small_disk / 'run', keep=10)
+  checkpoint.save(manager, 1, state)
+  checkpoint.finish(manager)
+  with pytest.raises(OSError, match=r'is full: .* step 1, is intact.*--workdir with room'):
+    checkpoint.save(manager, 2, state)
+    checkpoint.finish(manager)
+  restored, step = checkpoint.restore(checkpoint.make_manager(small_disk / 'run', read_only=True),
+                                      {'params': jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+                                          a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(
+                                              jax.devices()[0])), arrays)})
+  assert step == 1
+  np.testing.assert_array_equal(restored['params']['w'], arrays['w'])
