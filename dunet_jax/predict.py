@@ -44,6 +44,17 @@ def list_images(input_path: storage.PathLike) -> list[epath.Path]:
   return images
 
 
+def check_output(input_path: storage.PathLike, output_path: storage.PathLike) -> None:
+  """Refuses an --output that is the --input folder or inside it (a rerun would read the label maps
+  and overlays written there as input images)."""
+  inputs, output = storage.path(input_path), storage.path(output_path)
+  if '://' not in str(inputs):
+    inputs, output = inputs.resolve(), output.resolve()
+  if inputs.is_dir() and (output == inputs or inputs in output.parents):
+    raise ValueError(f'--output={output_path} is the --input folder or inside it: its label maps and overlays '
+                     'would be read as input images next time; pass an --output folder outside --input.')
+
+
 def save_label_png(path: epath.Path, label_map: np.ndarray) -> None:
   """A palette PNG: pixel values are the class ids, displayed in the VOC colours."""
   image = Image.fromarray(np.asarray(label_map, np.uint8))
@@ -96,6 +107,7 @@ def define_flags(options: flags.FlagValues) -> None:
 
 
 def main(options: flags.FlagValues) -> None:
+  check_output(options.input, options.output)
   images = list_images(options.input)[jax.process_index()::jax.process_count()]  # a share per process
   predictor = inference.load(
       options.workdir, step=options.step, flip=options.flip or options.multiscale,

@@ -105,3 +105,13 @@ def test_full_disk_during_a_save_is_one_message_and_keeps_the_previous_checkpoin
                                               jax.devices()[0])), arrays)})
   assert step == 1
   np.testing.assert_array_equal(restored['params']['w'], arrays['w'])
+
+
+@pytest.mark.parametrize('output', ['.', 'labels', 'labels/deeper'])
+def test_predict_output_inside_its_input_folder_is_refused(tmp_path, monkeypatch, output):
+  from dunet_jax import predict
+  (tmp_path / 'images').mkdir()
+  monkeypatch.chdir(tmp_path / 'images')
+  with pytest.raises(ValueError, match=f'--output={output} is the --input folder or inside it'):
+    predict.check_output(tmp_path / 'images', output)
+  predict.check_output(tmp_path / 'images', tmp_path / 'labels')  # beside it: accepted
