@@ -273,6 +273,20 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
+def check_writable(folder: storage.PathLike, flag: str = '--workdir') -> None:
+  """Creates `folder` if needed and writes (then removes) a file in it: a folder a run or an
+  evaluation could not write to is refused before any work, naming the flag."""
+  folder = storage.path(folder)
+  probe = folder / f'.write_test.{jax.process_index()}'
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_text('')
+    probe.unlink()
+  except OSError as error:
+    raise PermissionError(f'{flag}={folder} cannot be written ({error}): pass a folder this job can create '
+                          'and write.') from error
+
+
 def save_config(workdir: storage.PathLike, config: ml_collections.ConfigDict) -> None:
   """Records a new run's config, and the checkpoint format its workdir is written in."""
   versions = storage.path(workdir) / VERSIONS_FILE

@@ -189,6 +189,7 @@ def evaluate_checkpoint(workdir: storage.PathLike, config_overrides: dict[str, A
   workdir = storage.path(workdir)
   config = checkpoint.load_config(workdir)
   apply_overrides(config, config_overrides)
+  checkpoint.check_writable(workdir)  # the result file goes there: refused now, not after evaluating
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
   model, _, restored_step = checkpoint.restore_model(workdir, step, mesh)
   builder = datasets.prepare(config.data)

@@ -189,14 +189,7 @@ def check_before_start(config: ml_collections.ConfigDict, workdir: epath.Path) -
     if value < 1 or value % devices:
       raise ValueError(f'config.{section}.{name}={value} does not split over the {devices} devices of this job: '
                        f'pass --config.{section}.{name}={devices * max(1, -(-value // devices))} (a multiple of {devices}).')
-  probe = workdir / f'.write_test.{jax.process_index()}'
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe.write_text('')
-    probe.unlink()
-  except OSError as error:
-    raise PermissionError(f'--workdir={workdir} cannot be written ({error}): pass a folder this job can create '
-                          'and write (checkpoints, config.json and W go there).') from error
+  checkpoint.check_writable(workdir)
 
 
 def _record_or_check_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:

@@ -115,3 +115,13 @@ def test_predict_output_inside_its_input_folder_is_refused(tmp_path, monkeypatch
   with pytest.raises(ValueError, match=f'--output={output} is the --input folder or inside it'):
     predict.check_output(tmp_path / 'images', output)
   predict.check_output(tmp_path / 'images', tmp_path / 'labels')  # beside it: accepted
+
+
+def test_evaluate_refuses_a_workdir_it_cannot_write_before_evaluating(tmp_path):
+  from dunet_jax import evaluate
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  checkpoint.save_config(workdir, _config())
+  (workdir / '.write_test.0').mkdir()  # the probe file cannot be created: the workdir is not writable
+  with pytest.raises(PermissionError, match=r'--workdir=.*run cannot be written'):
+    evaluate.evaluate_checkpoint(workdir, {})  # no checkpoint either: the check comes before the restore
