@@ -4,7 +4,8 @@
 
 Needs torch + torchvision (not dunet_jax requirements). The weights go through the users' path
 (.safetensors -> convert_weights -> .npz -> pretrained.load_backbone_weights). Every bottleneck's
-BN(conv3) before the residual add (bXuYc3), its output (bXuY) and 'out' are compared at output stride 32, and at 16 / 8 against torchvision's
+BN(conv3) before the residual add (bXuYc3), its output (bXuY) and 'out' are compared at output stride 32,
+and at 16 / 8 against torchvision's
 replace_stride_with_dilation, in eval mode, float32. The figure is max |ours - torch| divided by
 max |torch| of the same feature; it passes below 1e-4. Exit status 1 on a failure.
 """

@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.synthetic_num_train = 0
   data.synthetic_num_val = 0
   data.synthetic_seed = 0            # the built-in images are a pure function of this seed
-  data.context_classes = 60          # PASCAL Context: 60 (background = class 0, scored: the paper's) or 59 (background -> 255)
+  data.context_classes = 60          # PASCAL Context: 60 (background = 0, scored: paper) or 59 (background -> 255)
   data.train_split = 'train_aug'
   data.eval_split = 'val'
   data.num_classes = 21
@@ -54,10 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_components = 64          # C': the compressed label dimension DUpsample predicts
   model.train_w = False              # W is fixed from the labels (paper); True lets it train
   model.temperature_init = 1.0
-  model.pretrained = ''              # .npz written by `python -m dunet_jax.convert_weights`; 'none': from scratch on purpose
+  model.pretrained = ''              # .npz of `python -m dunet_jax.convert_weights`; 'none': from scratch on purpose
   model.require_pretrained = False   # True (paper presets): refuse to train without model.pretrained
   model.compute_dtype = 'bfloat16'   # activations; parameters, BN statistics and loss stay float32
-  model.cpu_conv = 'xla'             # 3x3 convs on CPU: 'xla' or 'matmul' (shifted matmuls; dunet_jax/models/cpu_conv.py)
+  model.cpu_conv = 'xla'             # 3x3 convs on CPU: 'xla' or 'matmul' (shifted matmuls; models/cpu_conv.py)
   model.pixel_mean = (0.485, 0.456, 0.406)  # RGB, 0..1 units; must match the pretrained weights'
   model.pixel_std = (0.229, 0.224, 0.225)   # normalisation (recorded in the .npz, checked on load)
 

@@ -2,7 +2,8 @@
 
 `python -m dunet_jax.main --config=configs/synthetic.py --workdir=/tmp/dunet_demo`
 generates the images into data.manual_dir, builds them with the same TFDS builder as real VOC,
-fits W, trains, evaluates, and checkpoints. The ":test" preset (configs/synthetic.py:test) is a seconds-long variant for tests.
+fits W, trains, evaluates, and checkpoints. The ":test" preset (configs/synthetic.py:test) is a seconds-long
+variant for tests.
 
 The demo trains from scratch on two CPU cores in about nine minutes, so it departs from the
 paper's ImageNet-initialised SGD recipe where that recipe is slow without pretrained weights:

@@ -6,7 +6,8 @@
 
 Deviceless ahead-of-time compilation: `jax.experimental.topologies` describes the slice's chips
 without any TPU attached, the mesh is built from them (`sharding.make_mesh`), and the functions
-training runs (`train.make_train_step` on a `train_state.TrainState`, `evaluate.make_eval_step`) are compiled for it with the
+training runs (`train.make_train_step` on a `train_state.TrainState`, `evaluate.make_eval_step`) are compiled for it
+with the
 same shardings, donation and dtypes, on abstract inputs (no data, no W fit: W is zeros of its
 shape). Prints a table and one JSON line:
 

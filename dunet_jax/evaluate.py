@@ -224,7 +224,8 @@ def main(options: flags.FlagValues) -> None:
   if jax.process_index() > 0:  # process 0 wrote the file and reports
     return
   config = checkpoint.load_config(options.workdir)
-  print(f'{options.workdir} step {json.loads(path.read_text())["step"]}, {result["split"]}: {result["num_images"]} images, scales {result["scales"]}, '
+  step = json.loads(path.read_text())['step']
+  print(f'{options.workdir} step {step}, {result["split"]}: {result["num_images"]} images, scales {result["scales"]}, '
         f'flip {result["flip"]}, sliding window {result["sliding_window"]}')
   print(metrics.format_table(result, list(datasets.class_names(config.data))))
   logging.info('Wrote %s', path)

@@ -188,7 +188,8 @@ def check_before_start(config: ml_collections.ConfigDict, workdir: epath.Path) -
     value = config[section][name]
     if value < 1 or value % devices:
       raise ValueError(f'config.{section}.{name}={value} does not split over the {devices} devices of this job: '
-                       f'pass --config.{section}.{name}={devices * max(1, -(-value // devices))} (a multiple of {devices}).')
+                       f'pass --config.{section}.{name}={devices * max(1, -(-value // devices))} '
+                       f'(a multiple of {devices}).')
   checkpoint.check_writable(workdir)
 
 

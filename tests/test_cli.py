@@ -111,8 +111,9 @@ def test_evaluate_joins_a_two_process_job_and_agrees_with_one_process(tmp_path_f
   path.unlink()
   env = {**os.environ, 'JAX_NUM_CPU_DEVICES': '4', 'JAX_PLATFORMS': 'cpu'}
   processes = [subprocess.Popen(
-      [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}', f'--coordinator_address={coordinator_address}',
-       '--num_processes=2', f'--process_id={index}'], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+      [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}',
+       f'--coordinator_address={coordinator_address}', '--num_processes=2', f'--process_id={index}'],
+      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for index in range(2)]
   outputs = [process.communicate(timeout=300)[0] for process in processes]
   assert [process.returncode for process in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]

@@ -134,7 +134,8 @@ def test_memory_grows_with_the_batch(steps):
 
 
 @pytest.mark.parametrize('name, hbm_gib, expected', [
-    ('v5e-16', 16, 'v5e-4'), ('v4-32', 32, 'v4-8'), ('v6e-16', 32, 'v6e-4'), ('v5e-16', 4, 'v5e-16'), ('v5e-16', 2, None)])
+    ('v5e-16', 16, 'v5e-4'), ('v4-32', 32, 'v4-8'), ('v6e-16', 32, 'v6e-4'), ('v5e-16', 4, 'v5e-16'),
+    ('v5e-16', 2, None)])
 def test_recommended_slice_is_the_smallest_offered_that_fits(name, hbm_gib, expected):
   """1 GiB per chip besides 2 GiB of temporaries per image, batch 16: 33 GiB on one chip, 9 on four."""
   result = {'train_memory': {'total_bytes': 9 * GIB, 'temp_bytes': 8 * GIB}, 'images_per_chip': 4,

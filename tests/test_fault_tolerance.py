@@ -95,7 +95,8 @@ def test_sigterm_saves_then_sigkill_resume_equals_uninterrupted(reference, data_
   assert CHECKPOINT_EVERY <= stopped < NUM_STEPS and _steps(workdir)[-1] == stopped
 
   second = _start(workdir, data_dir)
-  _wait_for_checkpoint(second, workdir, 2 * CHECKPOINT_EVERY if stopped < 2 * CHECKPOINT_EVERY else 3 * CHECKPOINT_EVERY)
+  next_save = 2 * CHECKPOINT_EVERY if stopped < 2 * CHECKPOINT_EVERY else 3 * CHECKPOINT_EVERY
+  _wait_for_checkpoint(second, workdir, next_save)
   second.kill()
   second.communicate(timeout=60)
   assert second.returncode == -signal.SIGKILL

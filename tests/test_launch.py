@@ -13,7 +13,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO_ROOT / 'launch'
 CONFIG = 'configs/default.py'
 BASH = shutil.which('bash')
-TOOLS = ('dirname', 'sed', 'git', 'mkdir', 'sleep', 'cat', 'touch', 'rm')  # what the scripts use besides the tools under test
+# What the scripts use besides the tools under test.
+TOOLS = ('dirname', 'sed', 'git', 'mkdir', 'sleep', 'cat', 'touch', 'rm')
 
 STUB = """#!{bash}
 {{ printf '%s\\037' "${{0##*/}}" "$@"; printf '\\036'; }} >> "$STUB_LOG"
@@ -108,7 +109,8 @@ def test_tpu_options_spot_clone_and_background(tmp_path):
   clone = commands[2][-1]
   assert 'git clone --quiet https://example.com/dunet.git dunet_jax' in clone and 'origin v1' in clone
   train = commands[-1][-1]
-  assert train.startswith('--command=cd dunet_jax && nohup ') and train.endswith('> ~/dunet_train.log 2>&1 < /dev/null &')
+  assert train.startswith('--command=cd dunet_jax && nohup ')
+  assert train.endswith('> ~/dunet_train.log 2>&1 < /dev/null &')
 
 
 def test_tpu_real_run_executes_what_dry_run_prints(tmp_path):

@@ -71,5 +71,6 @@ def test_sharded_confusion_sums_over_all_devices():
   labels[labels == 5] = 255
   predictions = rng.integers(0, 5, size=labels.shape).astype(np.uint8)
   batch = sharding.to_global({'label': labels, 'prediction': predictions}, mesh)
-  got = jax.jit(lambda l, p: metrics.confusion_matrix(l, p, 5))(batch['label'], batch['prediction'])
+  confusion = jax.jit(lambda label, prediction: metrics.confusion_matrix(label, prediction, 5))
+  got = confusion(batch['label'], batch['prediction'])
   np.testing.assert_array_equal(np.asarray(got), _brute_force_confusion(labels, predictions, 5, 255))

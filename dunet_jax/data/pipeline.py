@@ -1,9 +1,9 @@
 """tf.data input pipelines: augmented training crops with exact resume, and whole images for eval.
 
-Training indexes a split's *encoded* images (JPEG bytes) at random: the example at global position p = step * global_batch_size + k is
-`permutation_{seed, epoch}(p mod N)`, and its augmentation is drawn from stateless random ops
-seeded by (seed, p). A batch is therefore a pure function of (seed, step): independent of where a
-run started, of how many processes share it and of tf.data's parallelism, and resuming at step s
+Training indexes a split's *encoded* images (JPEG bytes) at random: the example at global position
+p = step * global_batch_size + k is `permutation_{seed, epoch}(p mod N)`, and its augmentation is drawn
+from stateless random ops seeded by (seed, p). A batch is therefore a pure function of (seed, step):
+independent of where a run started, of how many processes share it and of tf.data's parallelism, and resuming at step s
 decodes no image before s. Each process takes a disjoint slice of every global batch, so one epoch
 covers every example exactly once over all processes. Random access needs no file format of the
 TFDS builder.
@@ -105,8 +105,9 @@ def eval_batches(builder: tfds.core.DatasetBuilder, data_config: ml_collections.
 
   Yields {'image': uint8 (B_local, pad, pad, 3) (absent when labels_only), 'label': uint8
   (B_local, pad, pad) with 255 in the padding, 'height', 'width': int32 (B_local,), 'valid': bool
-  (B_local,), 'id': bytes (B_local,) (b'' for the invalid fill)}. Each process reads its own contiguous part of the split; all processes yield the
-  same number of batches, the last ones completed by invalid all-void examples.
+  (B_local,), 'id': bytes (B_local,) (b'' for the invalid fill)}. Each process reads its own contiguous
+  part of the split; all processes yield the same number of batches, the last ones completed by invalid
+  all-void examples.
   """
   local_batch_size = _local_batch_size(global_batch_size, process_count, 'eval.batch_size')
   num_examples = builder.info.splits[split].num_examples
