@@ -12,6 +12,7 @@ with a warning in favour of the previous one, and any other restore failure stop
 """
 import contextlib
 import errno
+import functools
 import importlib.metadata
 import json
 import pathlib
@@ -75,6 +76,7 @@ def make_manager(workdir: storage.PathLike, keep: int = 3, read_only: bool = Fal
                                item_names=('params', 'model_state', 'opt_state', 'progress'))
 
 
+@functools.cache
 def _write_replicated_arrays_whole() -> None:
   """orbax splits each replicated array between its replicas so that they write in parallel, which
   compiles a slicing program per array shape (seconds on the first save of even a tiny DUNet); the

@@ -55,6 +55,7 @@ _QUIET_INFO_PATHS = ('/orbax/', '/jax/_src/')
 _QUIET_WARNINGS = (
     re.compile(r'^CheckpointManagerOptions\.read_only=True, setting '),
     re.compile(r'^Given directory is read only='),
+    re.compile(r'^Type handler registry type .* overriding jax\.Array$'),  # checkpoint.py's CPU array writer
 )
 
 # Reads the program's stderr on stdin, drops whole lines matching argv[1], passes the rest at
