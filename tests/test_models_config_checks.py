@@ -62,6 +62,13 @@ def test_float16_is_refused_with_the_alternatives():
     config_checks.validate_model(config)
 
 
+def test_a_compute_dtype_that_is_not_a_dtype_is_refused_naming_the_key():
+  config = voc.get_config('r50_os16,tiny')
+  config.model.compute_dtype = 'bf16'
+  with pytest.raises(ValueError, match=r"config.model.compute_dtype='bf16': use one of .*'bfloat16'"):
+    config_checks.validate_model(config)
+
+
 def test_a_missing_weights_file_is_named(tmp_path):
   config = voc.get_config('r50_os16')
   config.model.pretrained = str(tmp_path / 'resnet50c.npz')
