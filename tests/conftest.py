@@ -25,7 +25,8 @@ import pytest  # noqa: E402
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_compilation_cache_dir', os.environ[CACHE_ENV])
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT, save_tiny_run  # noqa: E402
+
 VOC_LABELS_DIR = REPO_ROOT.parent / 'shared' / 'data' / 'voc2012_labels'
 
 
@@ -35,6 +36,14 @@ def voc_labels_dir() -> pathlib.Path:
   if not (VOC_LABELS_DIR / 'SegmentationClass').is_dir():
     pytest.skip(f'real VOC labels not found at {VOC_LABELS_DIR}: tests that need them are skipped')
   return VOC_LABELS_DIR
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """(workdir, model) of a tiny DUNet saved as an FSDP-sharded run (helpers.save_tiny_run), made
+  once per pytest process and shared by the inference, evaluate, predict, export, CLI and notebook
+  tests; its synthetic data sits beside it."""
+  return save_tiny_run(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture

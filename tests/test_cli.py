@@ -10,14 +10,13 @@ import pytest
 from absl import flags
 
 from dunet_jax import cli
-from test_documented_commands import TOOLS
-from test_inference import REPO_ROOT, tiny_run
+from helpers import REPO_ROOT, documented_tools
 
 CONFIG = f'--config={REPO_ROOT}/configs/voc.py:r50_os16,tiny'
 
 
 def test_tools_import_together_and_define_no_global_flags():
-  modules = [importlib.import_module(f'dunet_jax.{tool}') for tool in TOOLS]
+  modules = [importlib.import_module(f'dunet_jax.{tool}') for tool in documented_tools()]
   assert not [name for name in flags.FLAGS.flags_by_module_dict() if name.startswith('dunet_jax')]
   for module in modules:  # defining a tool's flags twice (two runs in one process) is fine too
     for _ in range(2):
@@ -102,10 +101,10 @@ def test_log_filter_hides_library_chatter_and_keeps_warnings_that_matter():
   assert quiet.filter(record('/dunet_jax/checkpoint.py', logging.WARNING, 'Checkpoint step 6 is unreadable'))
 
 
-def test_evaluate_joins_a_two_process_job_and_agrees_with_one_process(tmp_path_factory, coordinator_address):
+def test_evaluate_joins_a_two_process_job_and_agrees_with_one_process(tiny_run, coordinator_address):
   from dunet_jax import checkpoint, evaluate
   from dunet_jax.data import datasets
-  workdir, _ = tiny_run(tmp_path_factory.getbasetemp())
+  workdir, _ = tiny_run
   datasets.prepare(checkpoint.load_config(workdir).data)  # built once, before two processes read it
   one, path = evaluate.evaluate_checkpoint(workdir, {})
   path.unlink()

@@ -4,7 +4,6 @@ Needs libtpu (requirements-tpu-check.txt); skipped when it is not installed. The
 config compiles for v5e-4 (a 2x2 slice) in about half a minute of CPU time.
 """
 import importlib.util
-import pathlib
 import subprocess
 import sys
 
@@ -15,9 +14,9 @@ from flax import nnx
 from configs import synthetic
 from dunet_jax import compile_check, sharding, throughput
 from dunet_jax.models import dunet
+from helpers import REPO_ROOT
 
 GIB = 1 << 30
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(batch_size: int = 8):

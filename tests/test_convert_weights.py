@@ -6,7 +6,6 @@ without torch.
 """
 import inspect
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -21,7 +20,7 @@ from dunet_jax.models import pretrained
 from dunet_jax.models import resnet
 from dunet_jax.models import xception
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
 SHAPES = json.loads((REPO_ROOT / 'tests' / 'data' / 'state_dict_shapes.json').read_text())['shapes']
 HEADS = {'resnet': {'fc.weight', 'fc.bias'}, 'xception': {'head.fc.weight', 'head.fc.bias'}}
 

@@ -17,6 +17,7 @@ from PIL import Image
 from configs import synthetic as synthetic_config
 from dunet_jax import metrics
 from dunet_jax.data import datasets, pipeline, shared_split
+from helpers import REPO_ROOT
 
 PAD_PIXEL = (124, 116, 104)
 
@@ -444,11 +445,10 @@ def test_processes_on_one_host_share_one_decoded_copy_and_batches_are_unchanged(
   builder, config = synthetic
   shutil.rmtree(pathlib.Path(builder.data_dir) / 'decoded', ignore_errors=True)
   steps = 6  # two epochs of the 12 examples
-  repo_root = pathlib.Path(__file__).resolve().parents[1]
   other = subprocess.Popen(
-      [sys.executable, str(repo_root / 'tests' / 'shared_split_process.py'), config.manual_dir,
+      [sys.executable, str(REPO_ROOT / 'tests' / 'shared_split_process.py'), config.manual_dir,
        config.tfds_data_dir, str(steps), str(tmp_path / 'other.npz')],
-      env={**os.environ, 'PYTHONPATH': str(repo_root)}, stdin=subprocess.PIPE,
+      env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)}, stdin=subprocess.PIPE,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     batches = pipeline.train_batches(builder, config, split='train', global_batch_size=4, seed=7)

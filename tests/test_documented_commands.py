@@ -26,9 +26,7 @@ from configs import context, voc
 from dunet_jax import train
 from dunet_jax.data import datasets, synthetic
 from dunet_jax.models import dunet
-from test_inference import REPO_ROOT
-
-README = (REPO_ROOT / 'README.md').read_text()
+from helpers import REPO_ROOT, documented_tools, readme_table_rows
 
 
 def expand_braces(text: str) -> list[str]:
@@ -38,31 +36,12 @@ def expand_braces(text: str) -> list[str]:
   return [''.join(combination) for combination in itertools.product(*choices)]
 
 
-def readme_table_rows(heading: str) -> list[str]:
-  """First cells of the markdown table that follows the first line starting with `heading`."""
-  lines = README[README.index(heading):].splitlines()[1:]
-  rows, started = [], False
-  for line in lines:
-    if line.startswith('|'):
-      started = True
-      rows.append(line.split('|')[1].strip())
-    elif started:
-      break
-  return rows[2:]  # the header row and its --- line
-
-
 def documented_presets() -> list[str]:
   names = []
   for cell in readme_table_rows('`configs/voc.py` presets'):
     for quoted in re.findall(r'`([^`]+)`', cell):
       names += expand_braces(quoted)
   return names
-
-
-def documented_tools() -> list[str]:
-  """'main', 'data.prepare', ... for every `python -m dunet_jax.<tool>` row of the command table."""
-  return [re.match(r'`python -m dunet_jax\.([\w.]+)', cell).group(1)
-          for cell in readme_table_rows('## Commands')]
 
 
 PRESETS = documented_presets()

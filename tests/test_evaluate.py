@@ -12,12 +12,12 @@ from PIL import Image
 
 from dunet_jax import checkpoint, evaluate, score, sharding
 from dunet_jax.data import datasets, palette
-from test_inference import REPO_ROOT, reference_probabilities, tiny_run
+from helpers import REPO_ROOT, reference_probabilities
 
 
 @pytest.fixture(scope='module')
-def run_and_data(tmp_path_factory):
-  workdir, model = tiny_run(tmp_path_factory.getbasetemp())
+def run_and_data(tiny_run):
+  workdir, model = tiny_run
   config = checkpoint.load_config(workdir)
   builder = datasets.prepare(config.data)
   mesh = sharding.make_mesh(config.mesh)

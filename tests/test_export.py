@@ -8,12 +8,7 @@ import pytest
 from flax import nnx
 
 from dunet_jax import cli, export
-from test_inference import REPO_ROOT, tiny_run
-
-
-@pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  return tiny_run(tmp_path_factory.getbasetemp())
+from helpers import REPO_ROOT
 
 
 def model_logits(model, images):
@@ -21,8 +16,8 @@ def model_logits(model, images):
   return np.asarray(jax.jit(lambda x: nnx.merge(graphdef, state)(x))(images))
 
 
-def test_fixed_size_export_matches_the_model(run, tmp_path):
-  _, model = run
+def test_fixed_size_export_matches_the_model(tiny_run, tmp_path):
+  _, model = tiny_run
   images = np.random.default_rng(0).integers(0, 256, (1, 70, 90, 3), dtype=np.uint8)
   export.save_exported(export.export_model(model, height=70, width=90, platforms=['cpu']),
                        tmp_path / 'fixed.jaxexport')
@@ -32,8 +27,8 @@ def test_fixed_size_export_matches_the_model(run, tmp_path):
     exported(images[:, :60])
 
 
-def test_symbolic_export_from_the_cli_runs_in_a_process_without_the_model_code(run, tmp_path):
-  workdir, model = run
+def test_symbolic_export_from_the_cli_runs_in_a_process_without_the_model_code(tiny_run, tmp_path):
+  workdir, model = tiny_run
   path = tmp_path / 'any_size.jaxexport'
   completed = subprocess.run([sys.executable, '-m', 'dunet_jax.export', f'--workdir={workdir}',
                               f'--output={path}', '--symbolic'], cwd=REPO_ROOT, check=True, capture_output=True,
@@ -57,8 +52,8 @@ def test_symbolic_export_from_the_cli_runs_in_a_process_without_the_model_code(r
     np.testing.assert_allclose(logits[key], model_logits(model, batch), rtol=1e-4, atol=1e-4)
 
 
-def test_cli_requires_a_size_choice_and_a_readable_file(run, tmp_path):
-  workdir, _ = run
+def test_cli_requires_a_size_choice_and_a_readable_file(tiny_run, tmp_path):
+  workdir, _ = tiny_run
   completed = subprocess.run([sys.executable, '-m', 'dunet_jax.export', f'--workdir={workdir}',
                               f'--output={tmp_path / "x"}', '--height=64'], cwd=REPO_ROOT,
                              capture_output=True, text=True)
@@ -68,8 +63,8 @@ def test_cli_requires_a_size_choice_and_a_readable_file(run, tmp_path):
     export.load_exported(tmp_path / 'junk.jaxexport')
 
 
-def test_cli_exports_for_cpu_cuda_and_tpu_by_default_and_platforms_narrows_it(run, tmp_path, capsys):
-  workdir, _ = run
+def test_cli_exports_for_cpu_cuda_and_tpu_by_default_and_platforms_narrows_it(tiny_run, tmp_path, capsys):
+  workdir, _ = tiny_run
   cli.run(export.main, export.define_flags, argv=[
       'export', f'--workdir={workdir}', f'--output={tmp_path / "cuda.jaxexport"}', '--height=64', '--width=64',
       '--platforms=cuda'])

@@ -12,7 +12,7 @@ from flax import nnx
 from configs import synthetic
 from dunet_jax import checkpoint, fine_tune, reconstruction, sharding, train, train_state
 from dunet_jax.data import datasets
-from test_inference import random_model
+from helpers import random_model
 
 # Output stride 8 keeps W small (N = 64 * classes), so refitting it takes a fraction of a second.
 OUTPUT_STRIDE = 8

@@ -1,6 +1,5 @@
 """FLOPs of a tiny model against a hand count, and the CLI's output."""
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 from configs import voc
 from dunet_jax import flops
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
 
 
 def test_plain_dupsample_decoder_costs_its_hand_counted_flops():

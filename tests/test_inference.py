@@ -1,6 +1,5 @@
 """Test-time augmentation against a per-image numpy composition, and the notebook API."""
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -8,14 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from dunet_jax import inference
 from dunet_jax.data import palette
+from helpers import REPO_ROOT, reference_probabilities
 
 NUM_CLASSES = 5
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def toy_logits(images: jax.Array) -> jax.Array:
@@ -27,34 +25,13 @@ def toy_logits(images: jax.Array) -> jax.Array:
   return logits + ramp
 
 
-def numpy_softmax(logits: np.ndarray) -> np.ndarray:
-  exp = np.exp(logits - logits.max(-1, keepdims=True))
-  return exp / exp.sum(-1, keepdims=True)
-
-
-def reference_probabilities(image: np.ndarray, scales, flip: bool, logits_fn=toy_logits) -> np.ndarray:
-  """One image (H, W, 3): resize, predict, mirror, softmax, resize back, average, in a loop."""
-  height, width, _ = image.shape
-  outputs = []
-  for scale in scales:
-    size = (int(round(height * scale)), int(round(width * scale)))
-    scaled = np.asarray(jax.image.resize(image.astype(np.float32), (*size, 3), 'linear'))
-    for mirrored in [False, True][:2 if flip else 1]:
-      inputs = scaled[:, ::-1] if mirrored else scaled
-      logits = np.asarray(logits_fn(jnp.asarray(inputs.copy())[None]))[0]
-      probabilities = numpy_softmax(logits[:, ::-1] if mirrored else logits)
-      outputs.append(np.asarray(jax.image.resize(probabilities, (height, width, logits.shape[-1]),
-                                                 'linear')))
-  return np.mean(outputs, axis=0)
-
-
 @pytest.mark.parametrize('scales, flip', [((1.0,), False), ((1.0,), True), ((0.5, 1.0, 1.75), True)])
 def test_multiscale_flip_matches_per_image_composition(scales, flip):
   images = np.random.default_rng(0).integers(0, 256, (2, 40, 56, 3)).astype(np.float32)
   got = np.asarray(inference.multiscale_probabilities(toy_logits, jnp.asarray(images),
                                                       scales=scales, flip=flip))
   for image, probabilities in zip(images, got):
-    np.testing.assert_allclose(probabilities, reference_probabilities(image, scales, flip), atol=1e-5)
+    np.testing.assert_allclose(probabilities, reference_probabilities(image, scales, flip, toy_logits), atol=1e-5)
   np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
   single = np.asarray(inference.multiscale_probabilities(toy_logits, jnp.asarray(images)))
   assert (scales, flip) == ((1.0,), False) or not np.allclose(got, single, atol=1e-3)
@@ -95,81 +72,8 @@ def test_colorize_and_overlay():
   assert palette.VOC_COLORMAP[15].tolist() == [192, 128, 128]
 
 
-# A tiny run shared by the inference, evaluate, predict, export and notebook tests (imported by
-# them, made once per pytest session).
-
-def random_model(config) -> nnx.Module:
-  """A tiny DUNet with He-normal kernels, unit BatchNorm and an orthonormal W, filled in numpy.
-
-  Filling an eval_shape model avoids compiling one initializer per parameter shape, which costs
-  about 30 CPU seconds for this model.
-  """
-  from dunet_jax.models import dunet
-  abstract = nnx.eval_shape(lambda: dunet.DUNet(config.model, config.data.num_classes,
-                                                reconstruction=None, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  rng = np.random.default_rng(0)
-
-  def fill(path, leaf):
-    name, shape = path[-1], leaf.shape
-    if name == 'kernel':
-      value = rng.normal(0, np.sqrt(2 / np.prod(shape[:-1])), shape)
-    elif name == 'w':
-      value = np.linalg.qr(rng.normal(size=shape))[0]
-    elif name in ('scale', 'var'):
-      value = np.ones(shape)
-    else:
-      value = np.zeros(shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  state = nnx.from_flat_state([(path, variable.replace(fill(path, variable.get_value())))
-                               for path, variable in nnx.to_flat_state(state)])
-  model = nnx.merge(graphdef, state)
-  model.eval()
-  return model
-
-
-def tiny_run(directory, step: int = 5):
-  """(workdir, model) of a tiny DUNet saved with params FSDP-sharded over a 4 x 2 mesh of 8 devices.
-
-  The model stays in memory (on the 8 devices) as the original run's reference.
-  """
-  from configs import synthetic
-  from dunet_jax import checkpoint, sharding, train_state
-  workdir = pathlib.Path(directory) / 'tiny_run'
-  if workdir in _TINY_RUNS:
-    return workdir, _TINY_RUNS[workdir]
-  config = synthetic.get_config('test')
-  config.mesh.data, config.mesh.fsdp = 4, 2
-  config.data.manual_dir = str(pathlib.Path(directory) / 'synthetic' / 'manual')
-  config.data.tfds_data_dir = str(pathlib.Path(directory) / 'synthetic' / 'tfds')
-  model = random_model(config)
-  mesh = sharding.make_mesh(config.mesh)
-  graphdef, params, model_state = train_state.split_model(model)
-  params = jax.device_put(params, sharding.tree_shardings(mesh, params))
-  model_state = jax.device_put(model_state, sharding.tree_shardings(mesh, model_state))
-  assert any(leaf.sharding.spec != jax.sharding.PartitionSpec() for leaf in jax.tree.leaves(params))
-  workdir.mkdir(parents=True)
-  checkpoint.save_config(workdir, config)
-  manager = checkpoint.make_manager(workdir)
-  state = train_state.TrainState(graphdef=graphdef, tx=None, params=params, model_state=model_state,
-                                 opt_state={'count': np.zeros((), np.int32)})
-  checkpoint.save(manager, step, state)
-  manager.wait_until_finished()
-  _TINY_RUNS[workdir] = nnx.merge(graphdef, params, model_state)
-  return workdir, _TINY_RUNS[workdir]
-
-
-_TINY_RUNS = {}
-
-
-@pytest.fixture(scope='session')
-def tiny_workdir(tmp_path_factory):
-  return tiny_run(tmp_path_factory.getbasetemp())
-
-
-def test_checkpoint_from_8_devices_predicts_the_same_on_1_device(tiny_workdir, tmp_path):
-  workdir, model = tiny_workdir
+def test_checkpoint_from_8_devices_predicts_the_same_on_1_device(tiny_run, tmp_path):
+  workdir, model = tiny_run
   assert len(jax.devices()) == 8
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, (70, 90, 3), dtype=np.uint8),

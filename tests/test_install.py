@@ -1,12 +1,11 @@
 """`pip install .` ships dunet_jax and its configs: from another directory, with nothing of the
 checkout on the path, a CLI starts and builds a config from a config file."""
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
 
 
 def test_installed_cli_and_config_work_from_another_directory(tmp_path):

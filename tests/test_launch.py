@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
 LAUNCH = REPO_ROOT / 'launch'
 CONFIG = 'configs/default.py'
 BASH = shutil.which('bash')

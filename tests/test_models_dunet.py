@@ -8,7 +8,7 @@ from flax import nnx
 
 from configs import voc
 from dunet_jax.models.dunet import DUNet, build_backbone
-from test_inference import random_model
+from helpers import random_model
 
 NUM_CLASSES = 21
 

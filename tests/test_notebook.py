@@ -4,11 +4,11 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-from test_inference import REPO_ROOT, tiny_run
+from helpers import REPO_ROOT
 
 
-def test_quickstart_notebook_executes(tmp_path_factory):
-  workdir, _ = tiny_run(tmp_path_factory.getbasetemp())
+def test_quickstart_notebook_executes(tiny_run):
+  workdir, _ = tiny_run
   from dunet_jax import checkpoint
   from dunet_jax.data import datasets
   datasets.prepare(checkpoint.load_config(workdir).data)  # the val images the notebook shows

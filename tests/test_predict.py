@@ -8,12 +8,12 @@ from PIL import Image
 
 from dunet_jax import checkpoint, inference, predict
 from dunet_jax.data import palette
-from test_inference import REPO_ROOT, tiny_run
+from helpers import REPO_ROOT
 
 
 @pytest.fixture(scope='module')
-def predictor_and_workdir(tmp_path_factory):
-  workdir, model = tiny_run(tmp_path_factory.getbasetemp())
+def predictor_and_workdir(tiny_run):
+  workdir, model = tiny_run
   return inference.Predictor(model, checkpoint.load_config(workdir)), workdir
 
 

@@ -1,6 +1,5 @@
 """W fitting, compress / reconstruct and the W file, against brute-force numpy references."""
 import os
-import pathlib
 import subprocess
 import sys
 import warnings
@@ -14,6 +13,7 @@ from jax.sharding import Mesh
 from dunet_jax import reconstruction, upper_bound
 from dunet_jax.data import label_files
 from dunet_jax.reconstruction import solvers
+from helpers import REPO_ROOT
 
 NUM_CLASSES = 21
 
@@ -139,10 +139,9 @@ def test_two_processes_sum_their_moments(voc_labels_dir, tmp_path, coordinator_a
   ids = label_files.read_ids(voc_labels_dir / 'lists' / 'voc2012_train_1464.txt')[:12]
   maps = [pad(label_files.read_label(voc_labels_dir / 'SegmentationClass' / f'{i}.png'), 8) for i in ids]
   np.savez(tmp_path / 'maps.npz', **{f'{index:02d}': m for index, m in enumerate(maps)})
-  repo_root = pathlib.Path(__file__).resolve().parents[1]
-  env = {**os.environ, 'PYTHONPATH': str(repo_root)}
+  env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT)}
   processes = [subprocess.Popen(
-      [sys.executable, str(repo_root / 'tests' / 'two_process_moments.py'), str(tmp_path / 'maps.npz'),
+      [sys.executable, str(REPO_ROOT / 'tests' / 'two_process_moments.py'), str(tmp_path / 'maps.npz'),
        coordinator_address, str(index), str(tmp_path / 'moments.npz')],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
   for process in processes:

@@ -10,9 +10,9 @@ from PIL import Image
 import pytest
 
 from dunet_jax import score
+from helpers import REPO_ROOT
 
 NUM_CLASSES = 21
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def reference_scores(labels: list[np.ndarray], predictions: list[np.ndarray]) -> dict:

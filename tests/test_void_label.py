@@ -1,6 +1,5 @@
 """The void label is one constant, dunet_jax.data.IGNORE_LABEL, not a config key: every consumer
 (label checks, label readers, W fitting, loss, metrics) treats exactly that value as void."""
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 from dunet_jax import metrics, reconstruction, train
 from dunet_jax.data import IGNORE_LABEL, examples, label_files
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
 
 
 def test_the_void_label_cannot_be_configured():
