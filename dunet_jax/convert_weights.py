@@ -19,7 +19,6 @@ from dunet_jax import cli  # first: prepares the process before TensorFlow and j
 
 import dataclasses
 import functools
-import inspect
 import re
 
 import ml_collections
@@ -42,7 +41,6 @@ class Arch:
   depth: int
   naming: str          # 'torchvision' | 'timm_deep_stem' | 'timm_xception'
   stem: str = 'standard'
-  avg_down: bool = False
   published: str = ''  # where users get the file (for --help and the README)
   convention: pretrained.InputConvention = pretrained.IMAGENET  # the source's input normalisation
 
@@ -54,10 +52,6 @@ ARCHS = {
                       published='torchvision resnet101 (ResNet101_Weights.IMAGENET1K_V1 / V2)'),
     'resnet50c': Arch('resnet', 50, 'timm_deep_stem', stem='deep', published='timm resnet50c.gluon_in1k'),
     'resnet101c': Arch('resnet', 101, 'timm_deep_stem', stem='deep', published='timm resnet101c.gluon_in1k'),
-    'resnet50d': Arch('resnet', 50, 'timm_deep_stem', stem='deep', avg_down=True,
-                      published='timm resnet50d.{a1_in1k,gluon_in1k,ra2_in1k}'),
-    'resnet101d': Arch('resnet', 101, 'timm_deep_stem', stem='deep', avg_down=True,
-                       published='timm resnet101d.{gluon_in1k,ra2_in1k}'),
     'xception65': Arch('xception', 65, 'timm_xception', published='timm xception65.tf_in1k',
                        convention=pretrained.TF_INCEPTION),
     'xception71': Arch('xception', 71, 'timm_xception', published='timm xception71.tf_in1k',
@@ -72,12 +66,6 @@ class ConversionError(ValueError):
   """The source file does not fit the architecture: names the offending keys."""
 
 
-def _key_list(keys, limit: int = 25) -> str:
-  keys = sorted(keys)
-  shown = ', '.join(keys[:limit])
-  return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
-
-
 def _resnet_module(arch: Arch, module: str) -> str | None:
   """torchvision / timm ResNet module name -> our module path, None when no rule matches."""
   if arch.naming == 'timm_deep_stem':
@@ -87,16 +75,11 @@ def _resnet_module(arch: Arch, module: str) -> str | None:
     stem = {'conv1': 'conv1', 'bn1': 'bn1'}
   if module in stem:
     return stem[module]
-  # timm's avg-pool shortcut is (AvgPool2d, conv, BN): its conv and BN are downsample.1 / .2.
-  downsample = {'1': 'conv', '2': 'bn'} if arch.avg_down else {'0': 'conv', '1': 'bn'}
-  match = re.fullmatch(r'layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3]|downsample\.(\d))', module)
+  match = re.fullmatch(r'layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3]|downsample\.[01])', module)
   if not match:
     return None
-  stage, unit, part, index = match.groups()
-  if index is not None:
-    if index not in downsample:
-      return None
-    part = f'downsample/{downsample[index]}'
+  stage, unit, part = match.groups()
+  part = {'downsample.0': 'downsample/conv', 'downsample.1': 'downsample/bn'}.get(part, part)
   return f'layer{stage}/{unit}/{part}'
 
 
@@ -141,8 +124,7 @@ def build_backbone(arch_name: str, *, rngs: nnx.Rngs | None = None) -> nnx.Modul
         backbone='xception', depth=arch.depth, base_width=64, stage_blocks=(), output_stride=32,
         multi_grid=(1, 1, 1), compute_dtype='float32'))
     return xception.Xception(model_config, rngs=rngs)
-  kwargs = {'avg_down': True} if arch.avg_down else {}
-  return resnet.ResNet(resnet.STAGE_BLOCKS[arch.depth], stem=arch.stem, rngs=rngs, **kwargs)
+  return resnet.ResNet(resnet.STAGE_BLOCKS[arch.depth], stem=arch.stem, rngs=rngs)
 
 
 @functools.cache
@@ -152,11 +134,6 @@ def _cached_target_shapes(arch_name: str) -> tuple[tuple[str, tuple[int, ...]], 
 
 def target_shapes(arch_name: str) -> dict[str, tuple[int, ...]]:
   """Shapes our backbone expects for `arch_name`, computed without allocating it."""
-  arch = ARCHS[arch_name]
-  if arch.avg_down and 'avg_down' not in inspect.signature(resnet.ResNet.__init__).parameters:
-    raise ConversionError(
-        f"--arch={arch_name}: timm's 'd' ResNets shortcut through an average pool, which "
-        f'dunet_jax.models.resnet.ResNet does not implement; convert resnet{arch.depth}c weights instead')
   return dict(_cached_target_shapes(arch_name))
 
 
@@ -210,14 +187,14 @@ def convert(state_dict: dict[str, np.ndarray], arch_name: str,
   missing = [path for path in expected if path not in converted]
   problems = []
   if unmapped:
-    problems.append(f'{len(unmapped)} source tensors match nothing in our {arch_name}: {_key_list(unmapped)}')
+    problems.append(f'{len(unmapped)} source tensors match nothing in our {arch_name}: {pretrained.key_list(unmapped)}')
   if duplicated:
-    problems.append(f'{len(duplicated)} source tensors collide: {_key_list(duplicated)}')
+    problems.append(f'{len(duplicated)} source tensors collide: {pretrained.key_list(duplicated)}')
   if mismatched:
     problems.append(f'{len(mismatched)} shape mismatches (source shape before OIHW->HWIO): '
-                    f'{_key_list(mismatched)}')
+                    f'{pretrained.key_list(mismatched)}')
   if missing:
-    problems.append(f'{len(missing)} of our tensors have no source: {_key_list(missing)}')
+    problems.append(f'{len(missing)} of our tensors have no source: {pretrained.key_list(missing)}')
   if problems:
     raise ConversionError(f'--arch={arch_name} does not fit this state dict (is it the right file / '
                           f'--arch?):\n  ' + '\n  '.join(problems))
@@ -243,7 +220,7 @@ def convert_file(source: str, arch_name: str, output: str) -> dict[str, int]:
   write_npz(output, arrays, arch_name, storage.path(source).name)
   num_values = sum(int(array.size) for array in arrays.values())
   print(f'{source}: {len(state_dict)} tensors read; {len(arrays)} mapped onto our {arch_name} '
-        f'({num_values:,} values); {len(dropped)} dropped on purpose: {_key_list(dropped, limit=8)}')
+        f'({num_values:,} values); {len(dropped)} dropped on purpose: {pretrained.key_list(dropped, limit=8)}')
   mean, std = ARCHS[arch_name].convention.config_mean_std()
   print(f'wrote {output}; use it with --config.model.pretrained={output} (it expects '
         f'model.pixel_mean={mean}, model.pixel_std={std})')

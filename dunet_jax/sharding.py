@@ -60,14 +60,6 @@ def tree_shardings(mesh: Mesh, tree: Any) -> Any:
   return jax.tree.map(lambda leaf: parameter_sharding(mesh, tuple(leaf.shape)), tree)
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """This process's share of a global batch; the batch must split evenly over all devices."""
-  if global_batch_size % mesh.size:
-    raise ValueError(f'The global batch size {global_batch_size} must be a multiple of the '
-                     f'{mesh.size} devices; change config.train.batch_size or config.eval.batch_size.')
-  return global_batch_size // jax.process_count()
-
-
 def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Per-process numpy batches -> global jax.Arrays sharded on dimension 0."""
   sharding = batch_sharding(mesh)

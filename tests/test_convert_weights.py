@@ -4,7 +4,6 @@ tests/data/state_dict_shapes.json holds the key -> shape lists of the real libra
 dicts (written once by tests/data/generate_state_dict_shapes.py), so CI checks the mapping
 without torch.
 """
-import inspect
 import json
 import subprocess
 import sys
@@ -17,10 +16,9 @@ from safetensors.numpy import save_file
 
 from dunet_jax import convert_weights
 from dunet_jax.models import pretrained
-from dunet_jax.models import resnet
 from dunet_jax.models import xception
-
 from helpers import REPO_ROOT
+
 SHAPES = json.loads((REPO_ROOT / 'tests' / 'data' / 'state_dict_shapes.json').read_text())['shapes']
 HEADS = {'resnet': {'fc.weight', 'fc.bias'}, 'xception': {'head.fc.weight', 'head.fc.bias'}}
 
@@ -42,14 +40,11 @@ def test_every_library_tensor_is_mapped_or_listed_as_dropped(arch):
   assert {path: array.shape for path, array in arrays.items()} == ours
 
 
-def test_timm_d_resnet_maps_its_avg_pool_shortcut():
-  # timm's 'd' shortcut is (AvgPool2d, conv, BN): its tensors are downsample.1 / downsample.2.
-  expected = convert_weights.target_shapes('resnet101c')  # same tensors, deep stem
-  arrays, _ = convert_weights.convert(zeros_state_dict('resnet101d'), 'resnet101d', expected=expected)
-  assert set(arrays) == set(expected)
-  if 'avg_down' not in inspect.signature(resnet.ResNet.__init__).parameters:
-    with pytest.raises(convert_weights.ConversionError, match='average pool'):
-      convert_weights.convert(zeros_state_dict('resnet101d'), 'resnet101d')
+def test_timm_d_resnet_is_refused_as_its_c_twin():
+  # timm's 'd' shortcut is (AvgPool2d, conv, BN), tensors downsample.1 / .2; ours is a strided conv.
+  assert 'resnet101d' not in convert_weights.ARCHS
+  with pytest.raises(convert_weights.ConversionError, match=r'layer1\.0\.downsample\.2\.weight'):
+    convert_weights.convert(zeros_state_dict('resnet101d'), 'resnet101c')
 
 
 def test_layouts_follow_oihw_to_hwio():
@@ -149,16 +144,6 @@ def test_loader_names_missing_unexpected_and_misshaped_keys(tmp_path, edit, name
   write_npz(tmp_path / 'w.npz', arrays)
   with pytest.raises(pretrained.PretrainedWeightsError, match=named):
     pretrained.load_backbone_weights(tiny_xception(), tmp_path / 'w.npz')
-
-
-def test_loader_refuses_d_resnet_weights_for_strided_shortcuts(tmp_path):
-  backbone = nnx.eval_shape(lambda: resnet.ResNet((1, 1, 1, 1), base_width=8, stem='deep', rngs=nnx.Rngs(0)))
-  if getattr(backbone, 'avg_down', False):
-    pytest.skip('this ResNet implements the avg-pool shortcut')
-  arrays = {key: np.zeros(shape, np.float32) for key, shape in pretrained.parameter_shapes(backbone).items()}
-  write_npz(tmp_path / 'w.npz', arrays, arch='resnet50d')
-  with pytest.raises(pretrained.PretrainedWeightsError, match='average-pool'):
-    pretrained.load_backbone_weights(backbone, tmp_path / 'w.npz')
 
 
 def test_pth_without_torch_says_what_to_do(tmp_path, monkeypatch):

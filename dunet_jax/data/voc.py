@@ -20,7 +20,6 @@ VOC_FOLDERS = ('VOCdevkit/VOC2012', 'VOC2012')
 SBD_ARCHIVE = 'benchmark.tgz'
 SBD_PREFIX = 'benchmark_RELEASE/dataset/'
 SBD_FOLDERS = ('benchmark_RELEASE/dataset',)
-VOC_SPLITS = ('train', 'val', 'trainval')
 # Sizes of the official lists; when the inputs have exactly these, train_aug must have 10,582.
 OFFICIAL_LIST_SIZES = {'VOC train': 1464, 'VOC val': 1449, 'SBD train': 8498, 'SBD val': 2857}
 OFFICIAL_TRAIN_AUG_SIZE = 10582

@@ -23,7 +23,7 @@ def convert_weights_arch(model_config: ml_collections.ConfigDict) -> str | None:
   """The `convert_weights --arch` whose weights fit this backbone (None when none does)."""
   from dunet_jax import convert_weights  # the converter's table of architectures
   for name, arch in convert_weights.ARCHS.items():
-    if (arch.family == model_config.backbone and arch.depth == model_config.depth and not arch.avg_down
+    if (arch.family == model_config.backbone and arch.depth == model_config.depth
         and (arch.family != 'resnet' or arch.stem == model_config.stem)):
       return name
   return None

@@ -26,7 +26,6 @@ STD_KEY = '__pixel_std__'
 CHANNEL_ORDER_KEY = '__channel_order__'
 PIXEL_RANGE_KEY = '__pixel_range__'
 CONVENTION_KEYS = (MEAN_KEY, STD_KEY, CHANNEL_ORDER_KEY, PIXEL_RANGE_KEY)
-METADATA_KEYS = (ARCH_KEY, SOURCE_KEY) + CONVENTION_KEYS
 FROM_SCRATCH = 'none'  # model.pretrained='none': no ImageNet weights, on purpose
 CONVENTION_TOLERANCE = 1e-3
 
@@ -70,7 +69,8 @@ class PretrainedWeightsError(ValueError):
   """The weights file does not fit the backbone: names the offending keys."""
 
 
-def _key_list(keys, limit: int = 25) -> str:
+def key_list(keys, limit: int = 25) -> str:
+  """The keys sorted and comma-separated, at most `limit` of them (error messages)."""
   keys = sorted(keys)
   shown = ', '.join(keys[:limit])
   return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
@@ -88,7 +88,7 @@ def parameter_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _describe(backbone: nnx.Module) -> str:
-  settings = {name: getattr(backbone, name) for name in ('stem', 'stage_blocks', 'avg_down')
+  settings = {name: getattr(backbone, name) for name in ('stem', 'stage_blocks')
               if hasattr(backbone, name)}
   if hasattr(backbone, 'unit_order'):
     settings['units'] = len(backbone.unit_order)
@@ -169,10 +169,6 @@ def load_backbone_weights(backbone: nnx.Module, path: str | epath.PathLike, *, p
     arrays.pop(key, None)
   arch = str(arrays.pop(ARCH_KEY, 'unknown'))
   source = str(arrays.pop(SOURCE_KEY, 'unknown'))
-  if arch.startswith('resnet') and arch.endswith('d') and not getattr(backbone, 'avg_down', False):
-    raise PretrainedWeightsError(
-        f"{path}: converted from timm's {arch}, whose shortcuts average-pool before their 1x1 conv; "
-        f'{_describe(backbone)} uses strided 1x1 shortcuts, so these weights would compute something else')
   variables = flat_variables(backbone)
   missing = [key for key in variables if key not in arrays]
   unexpected = [key for key in arrays if key not in variables]
@@ -180,11 +176,11 @@ def load_backbone_weights(backbone: nnx.Module, path: str | epath.PathLike, *, p
                 for key in arrays if key in variables and arrays[key].shape != tuple(variables[key].shape)]
   problems = []
   if missing:
-    problems.append(f'{len(missing)} model tensors are not in the file: {_key_list(missing)}')
+    problems.append(f'{len(missing)} model tensors are not in the file: {key_list(missing)}')
   if unexpected:
-    problems.append(f'{len(unexpected)} file tensors are not in the model: {_key_list(unexpected)}')
+    problems.append(f'{len(unexpected)} file tensors are not in the model: {key_list(unexpected)}')
   if mismatched:
-    problems.append(f'{len(mismatched)} shapes differ: {_key_list(mismatched)}')
+    problems.append(f'{len(mismatched)} shapes differ: {key_list(mismatched)}')
   if problems:
     raise PretrainedWeightsError(
         f'{path} (converted for --arch={arch}) does not fit {_describe(backbone)}; check '
