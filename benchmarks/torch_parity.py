@@ -12,6 +12,7 @@ import tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
+from flax import nnx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -58,3 +59,12 @@ def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
   if ours.shape != reference.shape:
     raise AssertionError(f'shape {ours.shape} vs reference {reference.shape}')
   return float(np.abs(ours - reference).max() / max(np.abs(reference).max(), 1e-12))
+
+
+def compare_features(ours, images: torch.Tensor, expected: dict[str, np.ndarray]) -> dict:
+  """Runs `ours` on the NCHW `images` and compares every feature `expected` names (NCHW)."""
+  got = nnx.jit(lambda model, x: model(x))(ours, images.numpy().transpose(0, 2, 3, 1))
+  errors = {name: relative_error(got[name], value) for name, value in expected.items()}
+  worst = max(errors, key=errors.get)
+  return {'max_relative_error': errors[worst], 'worst_feature': worst, 'out_relative_error': errors['out'],
+          'features_compared': len(errors), 'out_shape': list(got['out'].shape)}

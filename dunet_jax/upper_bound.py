@@ -84,9 +84,7 @@ def compress(labels: jax.Array, w: jax.Array, ratio: int, num_classes: int) -> j
   pixel by pixel (a scan over the r*r positions) instead of multiplying a one-hot matrix.
   """
   batch, height, width = labels.shape
-  if height % ratio or width % ratio:
-    raise ValueError(f'Label maps of size {height}x{width} are not a multiple of the ratio {ratio}: '
-                     f'pad them with {IGNORE_LABEL} first.')
+  windows.check_ratio(height, width, ratio)
   w = jnp.asarray(w, jnp.float32)
   rows = w.reshape(ratio * ratio, num_classes, -1)
   rows = jnp.concatenate([rows, jnp.zeros_like(rows[:, :1])], axis=1)      # class C: void -> 0

@@ -1,11 +1,14 @@
-"""Helpers that several test modules share: the repository root, README's tables, a per-image
-reference for test-time augmentation, and a tiny DUNet (random, or saved as a sharded run).
+"""Helpers that several test modules share: the repository root, README's tables, dataset folders
+and archives written from bytes, a per-image reference for test-time augmentation, and a tiny DUNet
+(random, or saved as a sharded run).
 
 Test modules import them from here (`from helpers import ...`), never from one another; the
 session-wide tiny run is the `tiny_run` fixture of conftest.py.
 """
+import io
 import pathlib
 import re
+import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +36,22 @@ def documented_tools() -> list[str]:
   """'main', 'data.prepare', ... for every `python -m dunet_jax.<tool>` row of the command table."""
   return [re.match(r'`python -m dunet_jax\.([\w.]+)', cell).group(1)
           for cell in readme_table_rows('## Commands')]
+
+
+def write_tree(root: pathlib.Path, files: dict[str, bytes]) -> None:
+  """Writes {relative path: bytes} under `root`, as an extracted dataset folder."""
+  for relpath, data in files.items():
+    (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+    (root / relpath).write_bytes(data)
+
+
+def write_tar(path: pathlib.Path, prefix: str, files: dict[str, bytes], mode: str) -> None:
+  """The same files as a tar archive (mode 'w' or 'w:gz'), each name under `prefix`."""
+  with tarfile.open(path, mode) as tar:
+    for relpath, data in files.items():
+      info = tarfile.TarInfo(prefix + relpath)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
 
 
 def numpy_softmax(logits: np.ndarray) -> np.ndarray:

@@ -7,7 +7,6 @@ dropped one (accordion). The expected 60-class maps are derived through class *n
 import io
 import json
 import pathlib
-import tarfile
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from dunet_jax.data import palette, pascal_context, rle
+from helpers import write_tar, write_tree
 
 TRAIN = ['2007_000032', '2007_000039', '2007_000063', '2008_000002', '2008_000003']
 VAL = ['2007_000033', '2007_000042', '2007_000061']
@@ -114,20 +114,6 @@ def detail_json(real: dict) -> bytes:
                           'segmentation': rle_encode(full == category, compressed=order % 2 == 0)})
   return json.dumps({'images': images, 'annos_segmentation': annotations,
                      'categories': [{'category_id': i, 'name': n} for n, i in FULL_IDS.items()]}).encode()
-
-
-def write_tree(root: pathlib.Path, files: dict[str, bytes]) -> None:
-  for relpath, data in files.items():
-    (root / relpath).parent.mkdir(parents=True, exist_ok=True)
-    (root / relpath).write_bytes(data)
-
-
-def write_tar(path: pathlib.Path, prefix: str, files: dict[str, bytes], mode: str) -> None:
-  with tarfile.open(path, mode) as tar:
-    for relpath, data in files.items():
-      info = tarfile.TarInfo(prefix + relpath)
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
 
 
 def make_manual_dir(root: pathlib.Path, real: dict, source: str) -> pathlib.Path:

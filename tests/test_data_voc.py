@@ -5,7 +5,6 @@ original JPEG bytes; the train_aug arithmetic is checked against the published 1
 """
 import io
 import pathlib
-import tarfile
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 
 from configs import default
 from dunet_jax.data import datasets, voc
+from helpers import write_tar, write_tree
 
 VOC_TRAIN = ['2007_000032', '2011_000003', '2011_000006', '2007_000039', '2007_000063']
 VOC_VAL = ['2007_000033', '2007_000042', '2007_000061']
@@ -87,20 +87,6 @@ def sbd_files(real: dict) -> dict[str, bytes]:
     files[f'cls/{image_id}.mat'] = _mat_bytes(segmentation)
     files[f'img/{image_id}.jpg'] = real[image_id][2]
   return files
-
-
-def write_tree(root: pathlib.Path, files: dict[str, bytes]) -> None:
-  for relpath, data in files.items():
-    (root / relpath).parent.mkdir(parents=True, exist_ok=True)
-    (root / relpath).write_bytes(data)
-
-
-def write_tar(path: pathlib.Path, prefix: str, files: dict[str, bytes], mode: str) -> None:
-  with tarfile.open(path, mode) as tar:
-    for relpath, data in files.items():
-      info = tarfile.TarInfo(prefix + relpath)
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
 
 
 def build(manual_dir: pathlib.Path, data_dir: pathlib.Path, **kwargs) -> tfds.core.DatasetBuilder:

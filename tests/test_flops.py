@@ -7,7 +7,6 @@ import pytest
 
 from configs import voc
 from dunet_jax import flops
-
 from helpers import REPO_ROOT
 
 

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from helpers import REPO_ROOT
+
 LAUNCH = REPO_ROOT / 'launch'
 CONFIG = 'configs/default.py'
 BASH = shutil.which('bash')

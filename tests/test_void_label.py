@@ -10,7 +10,6 @@ from PIL import Image
 
 from dunet_jax import metrics, reconstruction, train
 from dunet_jax.data import IGNORE_LABEL, examples, label_files
-
 from helpers import REPO_ROOT
 
 

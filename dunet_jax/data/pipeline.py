@@ -94,7 +94,7 @@ def augmented_batches(records: 'TrainingSet', data_config: ml_collections.Config
   # CPU-second were measured with and without them).
   options = tf.data.Options()
   options.experimental_optimization.apply_default_optimizations = False
-  return _with_threads(dataset, num_threads).with_options(options).as_numpy_iterator()
+  return shared_split.with_threads(dataset, num_threads).with_options(options).as_numpy_iterator()
 
 
 def eval_batches(builder: tfds.core.DatasetBuilder, data_config: ml_collections.ConfigDict, *,
@@ -147,7 +147,7 @@ def eval_batches(builder: tfds.core.DatasetBuilder, data_config: ml_collections.
   fill = tf.data.Dataset.range(num_batches * local_batch_size - part_size)
   fill = fill.map(_graph_function(void_example))
   dataset = dataset.concatenate(fill).batch(local_batch_size).prefetch(AUTOTUNE)
-  return _checked_eval_batches(_with_threads(dataset, num_threads).as_numpy_iterator(), pad_size)
+  return _checked_eval_batches(shared_split.with_threads(dataset, num_threads).as_numpy_iterator(), pad_size)
 
 
 def _checked_eval_batches(batches: Iterator[dict[str, np.ndarray]],
@@ -350,12 +350,3 @@ def _local_batch_size(global_batch_size: int, process_count: int, key: str) -> i
     raise ValueError(f'{key}={global_batch_size} must be a positive multiple of the number of '
                      f'processes ({process_count}).')
   return global_batch_size // process_count
-
-
-def _with_threads(dataset: tf.data.Dataset, num_threads: int | None) -> tf.data.Dataset:
-  options = tf.data.Options()
-  options.deterministic = True
-  if num_threads:
-    options.threading.private_threadpool_size = num_threads
-    options.threading.max_intra_op_parallelism = 1
-  return dataset.with_options(options)

@@ -130,13 +130,8 @@ def write(examples: tf.data.Dataset, decode_label: LabelDecoder, directory: epat
     return {'image': features['image'], 'id': features['id'], 'columns': tf.transpose(label),
             'image_size': tf.io.extract_jpeg_shape(features['image'])[:2]}
 
-  options = tf.data.Options()
-  options.deterministic = True
-  if num_threads:
-    options.threading.private_threadpool_size = num_threads
-    options.threading.max_intra_op_parallelism = 1
   stream = examples.map(decoded, num_parallel_calls=tf.data.AUTOTUNE).prefetch(1)
-  stream = stream.with_options(options).as_numpy_iterator()
+  stream = with_threads(stream, num_threads).as_numpy_iterator()
   label_starts, sizes, ids = [0], [], []
   with (directory / LABELS_FILE).open('wb') as labels:
     while True:
@@ -212,3 +207,13 @@ def _safe_name(split: str) -> str:
   """A folder name for a split (slices such as 'train[:10%]' included)."""
   readable = re.sub(r'[^A-Za-z0-9_.-]', '_', split)
   return readable if readable == split else f'{readable}-{hashlib.blake2b(split.encode(), digest_size=4).hexdigest()}'
+
+
+def with_threads(dataset: tf.data.Dataset, num_threads: int | None) -> tf.data.Dataset:
+  """`dataset` in a deterministic order, on a private pool of `num_threads` threads (None: tf.data's)."""
+  options = tf.data.Options()
+  options.deterministic = True
+  if num_threads:
+    options.threading.private_threadpool_size = num_threads
+    options.threading.max_intra_op_parallelism = 1
+  return dataset.with_options(options)

@@ -31,12 +31,17 @@ def process_local(batch: np.ndarray | jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
 
 
-def cut_windows(labels: jax.Array, ratio: int) -> jax.Array:
-  """(B, H, W) -> (B * H/r * W/r, r*r): rows in (b, a, c) order, columns in (i*r + j) order."""
-  batch, height, width = labels.shape
+def check_ratio(height: int, width: int, ratio: int) -> None:
+  """Refuses label maps that r x r windows do not tile."""
   if height % ratio or width % ratio:
     raise ValueError(f'Label maps of size {height}x{width} are not a multiple of the ratio {ratio}: '
                      f'pad them with {IGNORE_LABEL} first.')
+
+
+def cut_windows(labels: jax.Array, ratio: int) -> jax.Array:
+  """(B, H, W) -> (B * H/r * W/r, r*r): rows in (b, a, c) order, columns in (i*r + j) order."""
+  batch, height, width = labels.shape
+  check_ratio(height, width, ratio)
   windows = labels.reshape(batch, height // ratio, ratio, width // ratio, ratio)
   return windows.transpose(0, 1, 3, 2, 4).reshape(-1, ratio * ratio)
 
