@@ -2,8 +2,8 @@
 
 jaxlib 0.10's XLA:CPU hands each convolution to YNNPACK as its own fusion, which runs ResNet's
 small 3x3 convolutions (and their weight gradients) at a fraction of the matmul rate; keeping
-convolutions out of that path made a DUNet-ResNet-50 train step take about 1.3x less CPU time
-(benchmarks/train_step.py). The flag only concerns the CPU backend, and it is added only for the
+convolutions out of that path makes a DUNet-ResNet-50 train step cheaper (README, 'Train step on
+CPU'; benchmarks/train_step.py). The flag only concerns the CPU backend, and it is added only for the
 jaxlib release it was measured with, because XLA aborts on flags it does not know.
 """
 import importlib.metadata

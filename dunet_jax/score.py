@@ -20,7 +20,7 @@ from PIL import Image
 
 from dunet_jax import metrics
 from dunet_jax import storage
-from dunet_jax.data import palette
+from dunet_jax.data import IGNORE_LABEL, palette
 
 _MAX_NAMES_SHOWN = 20
 
@@ -102,7 +102,7 @@ def matched_pairs(pred_dir: storage.PathLike, label_dir: storage.PathLike,
 
 
 def score_pairs(pairs: list[tuple[epath.Path, epath.Path]], num_classes: int,
-                ignore_label: int = 255) -> tuple[np.ndarray, dict]:
+                ignore_label: int = IGNORE_LABEL) -> tuple[np.ndarray, dict]:
   """The summed confusion matrix and metrics.scores of it; raises naming bad files."""
   confusion = np.zeros((num_classes, num_classes), np.int64)
   mismatched, out_of_range = [], []
@@ -162,7 +162,7 @@ def define_flags(options: flags.FlagValues) -> None:
                       flag_values=options)
   flags.DEFINE_string('label_dir', None, 'Folder of ground-truth label PNGs.', required=True, flag_values=options)
   flags.DEFINE_integer('num_classes', 21, 'Number of classes (VOC: 21).', flag_values=options)
-  flags.DEFINE_integer('ignore_label', 255, 'Label value that is never scored.', flag_values=options)
+  flags.DEFINE_integer('ignore_label', IGNORE_LABEL, 'Label value that is never scored.', flag_values=options)
   flags.DEFINE_string('list', None, 'Optional text file of stems to score, one per line.', flag_values=options)
 
 

@@ -2,7 +2,7 @@
 
 MFU = (model FLOPs per step / step time) / (number of chips * peak FLOP/s per chip). The peak is the
 vendor's dense bf16 matrix rate per chip; `train.peak_flops` overrides it (0 = look it up from
-`jax.devices()[0].device_kind`), e.g. 790e12 for the H200 rate measured on random data.
+`jax.devices()[0].device_kind`), e.g. with a matmul rate measured on the machine (README).
 """
 from collections.abc import Sequence
 import math

@@ -1,7 +1,7 @@
 """compile_check: the real train and eval steps compiled for a Cloud TPU topology without a TPU.
 
 Needs libtpu (requirements-tpu-check.txt); skipped when it is not installed. The tiny synthetic
-config compiles for v5e-4 (a 2x2 slice) in about half a minute of CPU time.
+config compiles for v5e-4 (a 2x2 slice).
 """
 import importlib.util
 import subprocess

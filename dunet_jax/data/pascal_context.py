@@ -1,4 +1,4 @@
-"""TFDS builder 'pascal_context': VOC 2010 images with the 59 most frequent PASCAL Context classes.
+"""TFDS builder 'pascal_context': VOC 2010 images with PASCAL Context's 60-class labels.
 
 Stored labels use the 60-class convention (0 = background, i.e. every other of the 459 classes;
 1..59 = the 59 classes in alphabetical order), the paper's protocol (background scored).

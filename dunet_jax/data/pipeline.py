@@ -12,8 +12,8 @@ The training split is read from its decoded copy on the host (see `shared_split`
 decoded once, transposed, in one memory-mapped uint8 file handed to TensorFlow without a copy, and
 each JPEG's bytes in a file of its own read per example, so a draw decodes no PNG and all the
 processes of a host share one copy of both through the page cache. The first process to need the
-split builds the copy (about 1.7 ms of CPU per label, spread over tf.data's threads); later starts
-map it in milliseconds. An undecodable label, or one whose size differs from its image's, stops the
+split builds the copy (spread over tf.data's threads; README gives its cost); later starts only
+map it. An undecodable label, or one whose size differs from its image's, stops the
 build with the example's id.
 
 Augmentation only resizes what the crop shows: the crop window is located in the original image's

@@ -24,7 +24,7 @@ ShapeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 MIN_SIDE, MAX_SIDE = 96, 160       # image height and width are drawn independently, never equal
 MIN_OBJECT, MAX_OBJECT = 28, 72    # object extent in pixels (bars are longer and thin)
-VOID_WIDTH = 1                     # pixels on each side of an instance boundary marked 255
+VOID_WIDTH = 1                     # pixels on each side of an instance boundary marked void
 JPEG_QUALITY = 90
 # Ten colour families (hues), each painted on two classes of clearly different shapes: a filled
 # blob and an open or thin figure. (Pairs of look-alikes such as tee / ell or crescent / letter_h

@@ -42,7 +42,7 @@ from absl import flags
 from etils import epath
 from PIL import Image, ImageFilter
 
-from dunet_jax.data import label_files, synthetic, voc
+from dunet_jax.data import IGNORE_LABEL, label_files, synthetic, voc
 
 NUM_OBJECT_CLASSES = voc.NUM_CLASSES - 1
 # Class c = 1..20: colour family (c - 1) % 10 and texture 'stripes' for c <= 10, 'checks' after.
@@ -127,7 +127,7 @@ def render_image(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   edges = np.zeros(label.shape, bool)
   edges[:, 1:] |= label[:, 1:] != label[:, :-1]
   edges[1:] |= label[1:] != label[:-1]
-  band = scipy.ndimage.binary_dilation(edges | (label == 255), iterations=BOUNDARY_BAND)
+  band = scipy.ndimage.binary_dilation(edges | (label == IGNORE_LABEL), iterations=BOUNDARY_BAND)
   image = image.clip(0, 255).astype(np.uint8)
   blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(BOUNDARY_BLUR_RADIUS)))
   image[band] = blurred[band]
@@ -176,7 +176,7 @@ def _render(task: _Task) -> tuple[str, bytes, bytes | None, bytes | None]:
   jpeg = encode_jpeg(render_image(label, _image_rng(task.seed, task.image_id)))
   mat = None
   if task.sbd_label:  # SBD's own maps have no void band; VOC's band becomes background there
-    mat = sbd_mat(np.where(label == 255, 0, label) if task.voc_label else label)
+    mat = sbd_mat(np.where(label == IGNORE_LABEL, 0, label) if task.voc_label else label)
   return task.image_id, jpeg, png if task.voc_label else None, mat
 
 

@@ -2,8 +2,8 @@
 
 Convolutions pad symmetrically by dilation * (k - 1) / 2, as PyTorch does, so a stride-2 conv
 samples the same pixels as torchvision's (XLA's 'SAME' pads asymmetrically and would not).
-1x1 convolutions are written as an einsum over a (strided) slice: on XLA:CPU that runs about
-2.5x faster than `conv_general_dilated` and is the same computation. Larger kernels go through
+1x1 convolutions are written as an einsum over a (strided) slice: the same computation, which
+XLA:CPU runs as a matmul, faster than `conv_general_dilated` (README, 'Train step on CPU'). Larger kernels go through
 cpu_conv.conv2d, which can run them on CPU as shifted matmuls (`implementation`, model.cpu_conv).
 """
 from typing import Callable
