@@ -137,7 +137,6 @@ def phase_worker(args) -> dict:
 
 def phase_eval(args) -> dict:
   import jax
-  import ml_collections
   from flax import nnx
 
   from dunet_jax import evaluate, inference, sharding
@@ -145,7 +144,7 @@ def phase_eval(args) -> dict:
   config = data_config(args)
   config.eval.batch_size = EVAL_BATCH
   builder = _builder(args)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
+  mesh = sharding.data_parallel_mesh()
   model = dunet.DUNet(config.model, config.data.num_classes, reconstruction=None, rngs=nnx.Rngs(0))
   scales = inference.MULTISCALE_SCALES if args.multiscale else (1.0,)
   # Compile on one batch first, so the time is the evaluation's, not XLA's.

@@ -378,7 +378,7 @@ def restore_model(workdir: storage.PathLike, step: int | None = None,
                   mesh: Mesh | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
   """The trained model of a workdir, in eval mode, on this process's devices (replicated)."""
   config = load_config(workdir)
-  mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
+  mesh = mesh or sharding.data_parallel_mesh()
   abstract_model = nnx.eval_shape(lambda: dunet.DUNet(config.model, config.data.num_classes,
                                                       reconstruction=None, rngs=nnx.Rngs(0)))
   graphdef, params, model_state = train_state.split_model(abstract_model)

@@ -190,7 +190,7 @@ def evaluate_checkpoint(workdir: storage.PathLike, config_overrides: dict[str, A
   config = checkpoint.load_config(workdir)
   apply_overrides(config, config_overrides)
   checkpoint.check_writable(workdir)  # the result file goes there: refused now, not after evaluating
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
+  mesh = sharding.data_parallel_mesh()
   model, _, restored_step = checkpoint.restore_model(workdir, step, mesh)
   builder = datasets.prepare(config.data)
   result = evaluate_model(model, config, mesh, builder, split=split, save_predictions=save_predictions)

@@ -216,6 +216,6 @@ def load(workdir_or_checkpoint: storage.PathLike, *, step: int | None = None,
   CPU-only machine.
   """
   workdir, path_step = resolve_checkpoint(workdir_or_checkpoint)
-  local = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}), jax.local_devices())
+  local = sharding.data_parallel_mesh(jax.local_devices())
   model, config, _ = checkpoint.restore_model(workdir, step if step is not None else path_step, local)
   return Predictor(model, config, scales=scales, flip=flip, sliding_window=sliding_window)

@@ -33,6 +33,11 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
                        devices=devices)
 
 
+def data_parallel_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """Every device (all of them when None) on the 'data' axis, fsdp = 1: evaluation and inference."""
+  return make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}), devices)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Dimension 0 split over every device of the mesh."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -5,7 +5,6 @@ import numpy as np
 from PIL import Image
 
 from dunet_jax import metrics, sharding
-import ml_collections
 
 
 def _brute_force_confusion(labels, predictions, num_classes, ignore_label):
@@ -65,7 +64,7 @@ def test_predicted_but_absent_class_counts_as_zero_iou():
 
 
 def test_sharded_confusion_sums_over_all_devices():
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
+  mesh = sharding.data_parallel_mesh()
   rng = np.random.default_rng(1)
   labels = rng.integers(0, 6, size=(8, 16, 24)).astype(np.uint8)
   labels[labels == 5] = 255
