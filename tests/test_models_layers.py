@@ -1,4 +1,6 @@
 """The CPU convolution path (shifted matmuls) against XLA's convolution, and where each is lowered."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +53,25 @@ def test_shifted_matmuls_bfloat16_within_rounding():
   for got, want in ((y, y_ref), (dx, dx_ref), (dk, dk_ref)):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+def test_bfloat16_gradient_dots_stay_bfloat16_on_cpu():
+  # XLA:CPU converts a bf16 dot's operands to float32 unless both are row-major (contracting
+  # dimension last on the left, first on the right); a transpose it folds into the dot, as a `.T`
+  # of the kernel-gradient operand was, turns the dot float32. The forward, input-gradient and
+  # kernel-gradient dots (27 for 3x3) must all take bf16 operands.
+  x = jnp.zeros((2, 6, 5, 16), jnp.bfloat16)
+  kernel = jnp.zeros((3, 3, 16, 8), jnp.float32)
+  weights = jnp.ones((2, 6, 5, 8), jnp.float32)
+  def loss(x, kernel):
+    return jnp.sum(cpu_conv.shifted_matmul_conv(x, kernel, 2).astype(jnp.float32) * weights)
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+  computations = re.split(r'\n(?=\S)', compiled)  # one per block of the HLO module
+  with_dots = [c for c in computations if re.search(r'\sdot\(', c)]
+  assert sum(len(re.findall(r'\sdot\(', c)) for c in with_dots) == 27
+  for computation in with_dots:
+    parameters = re.findall(r'= (\w+)\[[\d,]*\]\S* parameter\(', computation)
+    assert parameters and set(parameters) == {'bf16'}, computation.splitlines()[0]
 
 
 @pytest.mark.parametrize('stride,dilation,depthwise', [

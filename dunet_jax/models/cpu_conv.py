@@ -42,10 +42,16 @@ def _geometry(shape: tuple[int, ...], size: int, dilation: int):
   batch, height, width, _ = shape
   pad = dilation * (size - 1) // 2
   padded_width = width + 2 * pad
-  per_image = (height + 2 * pad) * padded_width
+  rows = batch * (height + 2 * pad) * padded_width  # the padded images' pixels, one row each
   offsets = [i * dilation * padded_width + j * dilation for i in range(size) for j in range(size)]
-  rows = batch * per_image - offsets[-1]  # output rows: the last tap's slice must stay in range
-  return pad, padded_width, per_image, offsets, rows
+  return pad, padded_width, offsets, rows
+
+
+def _unrows(y: jax.Array, shape: tuple[int, ...], pad: int, padded_width: int, start: int) -> jax.Array:
+  """(rows, C) on the padded grid -> NHWC: the height x width window whose corner is at (start, start)."""
+  batch, height, width, _ = shape
+  y = y.reshape(batch, height + 2 * pad, padded_width, -1)
+  return y[:, start:start + height, start:start + width]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -60,15 +66,14 @@ def shifted_matmul_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.A
 
 def _forward(x, kernel, dilation):
   size = kernel.shape[0]
-  batch, height, width, channels = x.shape
-  pad, padded_width, per_image, offsets, rows = _geometry(x.shape, size, dilation)
-  flat = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).reshape(batch * per_image, channels)
-  taps = kernel.astype(x.dtype).reshape(size * size, channels, -1)
+  pad, padded_width, offsets, rows = _geometry(x.shape, size, dilation)
+  # `offsets[-1]` zero rows after the last image, so that every tap's slice has `rows` rows.
+  flat = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).reshape(rows, x.shape[-1])
+  flat = jnp.pad(flat, ((0, offsets[-1]), (0, 0)))
+  taps = kernel.astype(x.dtype).reshape(size * size, x.shape[-1], -1)
   y = sum(jnp.dot(flat[offset:offset + rows], taps[t], preferred_element_type=jnp.float32)
           for t, offset in enumerate(offsets))
-  y = jnp.pad(y.astype(x.dtype), ((0, batch * per_image - rows), (0, 0)))
-  y = y.reshape(batch, per_image, -1)[:, :height * padded_width]
-  return y.reshape(batch, height, padded_width, -1)[:, :, :width], (flat, kernel)
+  return _unrows(y.astype(x.dtype), x.shape, pad, padded_width, 0), (flat, kernel)
 
 
 def _backward(dilation, residuals, grad):
@@ -76,18 +81,22 @@ def _backward(dilation, residuals, grad):
   size = kernel.shape[0]
   batch, height, width, out_channels = grad.shape
   channels = flat.shape[-1]
-  pad, padded_width, per_image, offsets, rows = _geometry(
-      (batch, height, width, channels), size, dilation)
-  # The output gradient on the forward's row grid, zero on the rows the forward dropped.
+  shape = (batch, height, width, channels)
+  pad, padded_width, offsets, rows = _geometry(shape, size, dilation)
+  # The output gradient on the forward's row grid (zero on the rows the forward dropped), each
+  # shifted back by its tap: the input gradient is k*k dots with the transposed taps.
   grad_rows = jnp.pad(grad, ((0, 0), (0, 2 * pad), (0, padded_width - width), (0, 0)))
-  grad_rows = grad_rows.reshape(batch * per_image, out_channels)[:rows]
-  last = offsets[-1]
-  grad_padded = jnp.pad(grad_rows, ((last, last), (0, 0)))
+  grad_rows = jnp.pad(grad_rows.reshape(rows, out_channels), ((offsets[-1], 0), (0, 0)))
   taps_t = jnp.swapaxes(kernel.astype(grad.dtype).reshape(size * size, channels, out_channels), 1, 2)
-  dx = sum(jnp.dot(grad_padded[last - offset:last - offset + batch * per_image], taps_t[t],
+  dx = sum(jnp.dot(grad_rows[offsets[-1] - offset:offsets[-1] - offset + rows], taps_t[t],
                    preferred_element_type=jnp.float32) for t, offset in enumerate(offsets))
-  dx = dx.reshape(batch, height + 2 * pad, padded_width, channels)[:, pad:pad + height, pad:pad + width]
-  grad_t = grad_rows.T
+  dx = _unrows(dx, shape, pad, padded_width, pad)
+  # The kernel gradient is (output gradient)^T @ (input slice) per tap. Transposed by the pad of the
+  # NHWC gradient (not by `.T` of its rows, which XLA folds into the dot, leaving a dot that
+  # contracts its operands' major dimension and that XLA:CPU computes in float32), the left
+  # operand is row-major and the dots run in the bf16 kernels.
+  grad_t = jnp.pad(jnp.transpose(grad, (3, 0, 1, 2)),
+                   ((0, 0), (0, 0), (0, 2 * pad), (0, padded_width - width))).reshape(out_channels, rows)
   dkernel = jnp.stack([jnp.dot(grad_t, flat[offset:offset + rows], preferred_element_type=jnp.float32)
                        for offset in offsets])
   dkernel = jnp.swapaxes(dkernel, 1, 2).reshape(kernel.shape)
