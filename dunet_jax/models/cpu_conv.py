@@ -1,24 +1,31 @@
 """Stride-1 convolutions as shifted matmuls, so that bfloat16 reaches XLA:CPU's bf16 dot kernels.
 
-XLA:CPU (jaxlib 0.10) computes a bfloat16 `convolution` in float32 (it converts both operands and
-the result), so a bf16 network gains nothing on its convolutions; a bf16 x bf16 -> f32 `dot` whose
-operands are row-major (contracting dimension last on the left, first on the right) runs in YNNPACK's
-bf16 kernels instead. Here a k x k convolution (any dilation, stride 1) is k*k such dots: the padded
-image is flattened to rows of (batch * padded height * padded width, channels), where moving the
-window by (i, j) taps is a contiguous slice of rows starting at i * dilation * padded_width +
-j * dilation; the output is computed on the padded width (and across image boundaries) and the
-extra columns and rows are dropped. The backward pass (a custom VJP) keeps the same form: the input
-gradient is k*k dots of the row-shifted output gradient with the transposed taps; the kernel
-gradient is k*k dots of the transposed output gradient with the same input slices (XLA:CPU still
-runs those in float32: it folds the transpose back into the dot).
+XLA:CPU (jaxlib 0.10) computes a bfloat16 `convolution` in float32: it converts the operands of
+every convolution to float32, and those of every dot whose operands are not both row-major
+(contracting dimension last on the left, first on the right); no XLA:CPU flag of that release
+changes this (the YNNPACK fusion types and the oneDNN options leave the convolution float32). A
+bf16 x bf16 -> f32 dot with row-major operands runs in YNNPACK's bf16 kernels instead.
+
+Here a k x k convolution (any dilation, stride 1) is k*k such dots. The zero-padded images are
+flattened to rows of (batch * padded height * padded width, channels), followed by as many zero
+rows as the last tap's offset, so that moving the window by (i, j) taps is a contiguous slice of
+rows starting at i * dilation * padded_width + j * dilation; the output is computed on the whole
+padded grid (also across image boundaries) and the rows outside the images are dropped. The
+backward pass (a custom VJP) keeps the form: the input gradient is k*k dots of the row-shifted
+output gradient with the transposed taps, and the kernel gradient is k*k dots of the transposed
+output gradient with the same input slices. That transposed operand is written by padding the
+transposed NHWC gradient: a plain transpose of its rows is folded into the dot by XLA, leaving a
+dot that contracts its operands' major dimension, which XLA:CPU then upcasts to float32. So all
+k*k * 3 dots of a training step run in bf16 (tested on the compiled program).
+
+The cost beyond the dots is memory traffic: each tap's slice is copied, and the k*k float32
+partial products are summed. That pays for wide convolutions (256 channels and up) and not for
+narrow ones (64 channels at high resolution), where XLA's float32 convolution is faster; see the
+README for the figures on this project's CPU (AMD EPYC, AVX-512 BF16, no AMX).
 
 With model.cpu_conv='matmul', `conv2d` picks this path at LOWERING time
 (`jax.lax.platform_dependent`), so a program traced on a CPU host and lowered for TPU or GPU keeps
-XLA's convolution there. It is not the default: on this project's CPU (AMD EPYC, AVX-512 BF16, no
-AMX) a bf16 DUNet-R50-OS16 train step (crop 256, batch 2) took 1.07x the wall time and 1.11x the
-CPU time with it on the 3x3 convolutions of 256 or more channels than with XLA's convolution (same
-run, under load; README): the kernel-gradient dots stay in float32 and the row slices cost memory
-traffic. It is kept, tested equal, for CPUs with faster bf16 matmul units.
+XLA's convolution there. The default is 'xla'.
 """
 import functools
 
