@@ -34,12 +34,10 @@ def read_label_png(path: storage.PathLike) -> np.ndarray:
   path = storage.path(path)
   try:
     with path.open('rb') as file, Image.open(file) as image:
-      if image.mode not in ('P', 'L'):
-        raise ScoreError(
-            f'{path}: mode {image.mode!r}; expected a palette (P) or grayscale (L) PNG whose '
-            'pixel values are class ids. Save predictions with dunet_jax.predict or as '
-            "Image.fromarray(label_map.astype(np.uint8), mode='L').")
-      return np.array(image, dtype=np.uint8)
+      return palette.class_ids(image)
+  except palette.LabelModeError as error:
+    raise ScoreError(f'{path}: {error}. Save predictions with dunet_jax.predict or as '
+                     "Image.fromarray(label_map.astype(np.uint8), mode='L').") from error
   except (OSError, SyntaxError) as error:
     raise ScoreError(f'{path}: cannot be read as a PNG ({error}); re-write or remove it.') from error
 

@@ -113,7 +113,7 @@ def test_rejects_colour_pngs_and_out_of_range_ids(tmp_path):
   write_png(tmp_path / 'labels' / 'a.png', np.zeros((8, 8)))
   Image.new('RGB', (8, 8)).save(tmp_path / 'predictions' / 'a.png')
   pairs = score.matched_pairs(tmp_path / 'predictions', tmp_path / 'labels')
-  with pytest.raises(score.ScoreError, match=r"a.png: mode 'RGB'"):
+  with pytest.raises(score.ScoreError, match=r'a.png: mode RGB; expected a palette'):
     score.score_pairs(pairs, NUM_CLASSES)
   write_png(tmp_path / 'predictions' / 'a.png', np.full((8, 8), 21))
   with pytest.raises(score.ScoreError, match=r'prediction a.png'):

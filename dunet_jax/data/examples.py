@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from dunet_jax.data import IGNORE_LABEL
+from dunet_jax.data import IGNORE_LABEL, palette
 
 SKIP_HINT = 'fix or re-extract it, or set config.data.skip_bad_files=True to skip and count such files'
 
@@ -66,11 +66,9 @@ def decode_label_png(data: bytes, name: str) -> np.ndarray:
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
-      if image.mode not in ('P', 'L'):
-        raise BadFileError(name, f'expected a palette or grayscale PNG of class ids, found mode {image.mode}')
-      return np.asarray(image, dtype=np.uint8)
-  except BadFileError:
-    raise
+      return palette.class_ids(image)
+  except palette.LabelModeError as error:
+    raise BadFileError(name, str(error)) from error
   except Exception as error:
     raise BadFileError(name, f'unreadable or truncated label ({error})') from error
 

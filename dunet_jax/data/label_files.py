@@ -15,7 +15,7 @@ from etils import epath
 from PIL import Image
 
 from dunet_jax import storage
-from dunet_jax.data import IGNORE_LABEL
+from dunet_jax.data import IGNORE_LABEL, palette
 
 tf.config.set_visible_devices([], 'GPU')
 
@@ -34,10 +34,10 @@ def read_ids(list_file: storage.PathLike) -> list[str]:
 def read_label(path: storage.PathLike) -> np.ndarray:
   """(H, W) uint8 class ids of a palette ('P') or greyscale ('L') PNG."""
   with storage.path(path).open('rb') as file, Image.open(file) as image:
-    if image.mode not in ('P', 'L'):
-      raise ValueError(f'{path}: label PNGs must be palette or greyscale images of class ids, '
-                       f'got mode {image.mode}.')
-    return np.asarray(image, np.uint8)
+    try:
+      return palette.class_ids(image)
+    except palette.LabelModeError as error:
+      raise palette.LabelModeError(f'{path}: {error}') from None
 
 
 def check_files(label_dir: storage.PathLike, ids: list[str]) -> list[epath.Path]:

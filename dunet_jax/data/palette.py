@@ -1,5 +1,7 @@
-"""Class names and the PASCAL VOC colour map shared by every dataset, tool and notebook."""
+"""Class names, the PASCAL VOC colour map and class-id label PNGs, shared by every dataset, tool and
+notebook."""
 import numpy as np
+from PIL import Image
 
 VOC_CLASS_NAMES = (
     'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
@@ -41,3 +43,16 @@ VOC_COLORMAP = voc_colormap()
 def colorize(label: np.ndarray) -> np.ndarray:
   """Class-id map (H, W) -> RGB image (H, W, 3) uint8 in the VOC colours."""
   return VOC_COLORMAP[np.asarray(label, dtype=np.uint8)]
+
+
+class LabelModeError(ValueError):
+  """A label PNG whose pixels are not class ids (e.g. an RGB-coloured label)."""
+
+
+def class_ids(image: Image.Image) -> np.ndarray:
+  """The class ids (H, W) uint8 of a label PNG opened with PIL: a palette ('P') PNG's indices, not
+  its colours, or a greyscale ('L') PNG's values. Any other mode raises LabelModeError."""
+  if image.mode not in ('P', 'L'):
+    raise LabelModeError(f'mode {image.mode}; expected a palette (P) or greyscale (L) PNG whose pixel '
+                         'values are class ids')
+  return np.asarray(image, np.uint8)
