@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.checkpoint_every = 1000
   train.keep_checkpoints = 3
   train.peak_flops = 0.0               # peak FLOP/s per chip for MFU; 0 = look up device_kind (dunet_jax/throughput.py)
+  # Long runs on accelerators (dunet_jax/xla_options.py, dunet_jax/profiling.py; README: Long runs).
+  train.compilation_cache_dir = '{workdir}/xla_cache'  # persistent XLA cache: restarts skip compiling; '' = off
+  train.profile_steps = ()           # (first, last): jax.profiler trace of those steps into <workdir>/plugins/profile
+  train.deterministic_gpu = False    # True: --xla_gpu_deterministic_ops (bit-equal GPU resume; slower steps)
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.batch_size = 8

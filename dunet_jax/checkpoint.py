@@ -50,6 +50,7 @@ COMMIT_MARKER = 'commit_success.txt'
 RESUMABLE_CHANGES = ('data.manual_dir', 'data.tfds_data_dir', 'data.skip_bad_files',
                      'train.log_every', 'train.eval_every', 'train.checkpoint_every',
                      'train.keep_checkpoints', 'train.peak_flops', 'eval.', 'mesh.',
+                     'train.compilation_cache_dir', 'train.profile_steps', 'train.deterministic_gpu',
                      'model.require_pretrained',  # a start-time guard; runs recorded before it lack it
                      'train.init_from')  # read only when a run starts: a resumed run never reads its source
 

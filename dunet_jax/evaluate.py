@@ -39,6 +39,7 @@ from dunet_jax import progress
 from dunet_jax import score
 from dunet_jax import sharding
 from dunet_jax import storage
+from dunet_jax import xla_options
 from dunet_jax.data import IGNORE_LABEL, datasets
 from dunet_jax.data import palette
 from dunet_jax.data import pipeline
@@ -190,6 +191,7 @@ def evaluate_checkpoint(workdir: storage.PathLike, config_overrides: dict[str, A
   config = checkpoint.load_config(workdir)
   apply_overrides(config, config_overrides)
   checkpoint.check_writable(workdir)  # the result file goes there: refused now, not after evaluating
+  xla_options.apply(config, workdir)  # the run's compilation cache: a repeated evaluation does not recompile
   mesh = sharding.data_parallel_mesh()
   model, _, restored_step = checkpoint.restore_model(workdir, step, mesh)
   builder = datasets.prepare(config.data)

@@ -6,8 +6,7 @@ and --process_id to every process.
 """
 from dunet_jax import cli  # first: prepares the process before TensorFlow and jax load
 
-import jax
-from absl import flags, logging
+from absl import flags
 
 from dunet_jax import train
 
@@ -18,9 +17,7 @@ def define_flags(options: flags.FlagValues) -> None:
 
 
 def main(options: flags.FlagValues) -> None:
-  logging.info('Process %d of %d; %d local / %d global devices (%s).', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-  train.train_and_evaluate(options.config, options.workdir)
+  train.train_and_evaluate(options.config, options.workdir)  # which first applies the config's XLA options
 
 
 if __name__ == '__main__':

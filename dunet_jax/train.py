@@ -21,8 +21,8 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from dunet_jax import (checkpoint, evaluate, event_writer, fine_tune, metrics, multihost, preemption, progress,
-                       reconstruction, sharding, storage, throughput, train_state)
+from dunet_jax import (checkpoint, evaluate, event_writer, fine_tune, metrics, multihost, preemption, profiling,
+                       progress, reconstruction, sharding, storage, throughput, train_state, xla_options)
 from dunet_jax.data import IGNORE_LABEL, datasets, pipeline
 from dunet_jax.models import config_checks
 
@@ -93,6 +93,9 @@ def fit_or_load_w(config: ml_collections.ConfigDict, workdir: epath.Path, builde
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> dict:
   """Trains (or resumes) the run in `workdir` to config.train.num_steps; returns the last eval metrics."""
   workdir = storage.path(workdir)
+  xla_options.apply(config, workdir)  # before jax starts its backends and compiles
+  logging.info('Process %d of %d; %d local / %d global devices (%s).', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   check_before_start(config, workdir)
   is_chief = jax.process_index() == 0
   multihost.chief_decides('config recorded', lambda: _record_or_check_config(workdir, config))
@@ -132,13 +135,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
   learning_rate = train_state.learning_rate_schedule(config)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   watcher = preemption.Watcher()
+  profiler = profiling.StepProfiler(config.train.profile_steps, workdir, start_step=step)
   pending_checks: list[tuple[jax.Array, jax.Array]] = []
   last_log = (time.time(), step)
   batch = first_batch
   try:
     while step < num_steps:
+      profiler.before_step(step + 1, state)
       state, step_metrics = compiled(state, batch)
       step += 1
+      profiler.after_step(step, (state, step_metrics))
       pending_checks.append((step_metrics['loss'], step_metrics['finite']))
       report_progress(step)
       is_last = step == num_steps
@@ -171,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
       if not is_last:
         batch = sharding.to_global(next(batches), mesh)
   finally:
+    profiler.close()
     watcher.close()
     checkpoint.finish(manager)
     manager.close()
@@ -183,6 +190,7 @@ def check_before_start(config: ml_collections.ConfigDict, workdir: epath.Path) -
   split over this job's devices, and a workdir every process can write to. Each failure is one
   message naming the key or path and a value that works."""
   config_checks.validate_model(config)
+  profiling.check_steps(config.train.profile_steps)
   devices = jax.device_count()
   for section, name in (('train', 'batch_size'), ('eval', 'batch_size')):
     value = config[section][name]
