@@ -7,8 +7,11 @@ SLURM job) loads the compiled train and eval steps instead of compiling them aga
 lives in the workdir because that is the one folder that outlives the machine (a gs:// bucket on
 Cloud TPU), and the cache is only valid for the programs of one code, jax and device set-up anyway.
 jax writes through etils.epath, so a gs:// folder goes through the same gcsfs client as the rest of
-the workdir (storage.py), and in a multi-process job only process 0 writes entries. A folder set
-outside the config (JAX_COMPILATION_CACHE_DIR, or jax.config in the calling program) wins.
+the workdir (storage.py), and in a multi-process job only process 0 writes entries. jax also hands
+a subfolder to XLA:GPU for its autotuning results, which XLA writes through its own C++ file
+system, which has no gs:// client: compilation on a GPU would fail there, so for a remote folder
+that extra cache is turned off (unless JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES says otherwise). A
+folder set outside the config (JAX_COMPILATION_CACHE_DIR, or jax.config in the calling program) wins.
 
 `train.deterministic_gpu` adds XLA's --xla_gpu_deterministic_ops to XLA_FLAGS: scatters (the
 gradients of gathers and of max-pooling) without atomics, deterministic cuDNN/cuBLAS algorithms and
@@ -26,6 +29,8 @@ from jax.experimental.compilation_cache import compilation_cache
 from dunet_jax import storage
 
 CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+XLA_CACHES_ENV = 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'
+_XLA_CACHES_DEFAULT = jax.config.jax_persistent_cache_enable_xla_caches
 WORKDIR_PLACEHOLDER = '{workdir}'
 DETERMINISTIC_GPU_FLAG = '--xla_gpu_deterministic_ops=true'
 
@@ -59,6 +64,9 @@ def use_compilation_cache(setting: str, workdir: storage.PathLike) -> str | None
     compilation_cache.reset_cache()  # jax opens its cache once; forget one opened for another folder
     jax.config.update('jax_compilation_cache_dir', folder)
     _folder_set_here = folder
+    if not os.environ.get(XLA_CACHES_ENV):
+      remote = folder is not None and storage.is_remote(folder)
+      jax.config.update('jax_persistent_cache_enable_xla_caches', 'none' if remote else _XLA_CACHES_DEFAULT)
   if folder:
     logging.info('XLA compilation cache: %s (train.compilation_cache_dir).', folder)
   return folder

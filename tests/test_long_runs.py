@@ -164,6 +164,8 @@ def test_the_compilation_cache_works_on_gcs(gcs_emulator):
   try:
     with _own_compilation_cache():
       assert xla_options.use_compilation_cache('{workdir}/xla_cache', f'{bucket}/run') == f'{bucket}/run/xla_cache'
+      # XLA:GPU's autotuning subfolder would be written by a C++ client without gs:// (a GPU compile fails).
+      assert jax.config.jax_persistent_cache_enable_xla_caches == 'none'
 
       def program(x):
         return jax.numpy.tanh(x) * 3 + 1
@@ -174,10 +176,14 @@ def test_the_compilation_cache_works_on_gcs(gcs_emulator):
       jax.clear_caches()  # in-memory caches: the next call must compile or load
       with _CompilerLog() as second:
         jax.jit(program)(jax.numpy.arange(5.0)).block_until_ready()
+      xla_options.use_compilation_cache('{workdir}/xla_cache', '/local/run')
+      local_xla_caches = jax.config.jax_persistent_cache_enable_xla_caches
+      xla_options.use_compilation_cache('', '')
   finally:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_time)
   assert any(name.startswith('jit_program-') for name in written), written
   assert 'jit_program' not in first.cache_hits() and 'jit_program' in second.cache_hits()
+  assert local_xla_caches == 'xla_gpu_per_fusion_autotune_cache_dir'  # jax's default, for a local folder
 
 
 def test_deterministic_gpu_reaches_xla_flags_only_when_on(monkeypatch):
