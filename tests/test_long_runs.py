@@ -14,7 +14,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.profiler import ProfileData
 
 from configs import synthetic
-from dunet_jax import storage, train, xla_options
+from dunet_jax import profiling, storage, train, xla_options
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROFILE_STEPS = (2, 3)
@@ -121,8 +121,24 @@ def test_profile_steps_trace_exactly_those_steps_into_the_workdir(restarted_run)
     assert _executions(trace, 'jit_train_step') == (num_traced, num_traced * jax.device_count())
 
 
+def test_the_profile_of_a_gcs_run_lands_in_the_bucket(gcs_emulator):
+  workdir = f"{gcs_emulator.create_bucket('dunet-long-runs-profile')}/run"
+  profiler = profiling.StepProfiler((1, 1), workdir, start_step=0)
+
+  def step(v):
+    return v * 2
+
+  x = jax.numpy.ones(8)
+  profiler.before_step(1, x)
+  profiler.after_step(1, jax.jit(step)(x))
+  traces = list(storage.path(workdir).glob('plugins/profile/*/*.xplane.pb'))
+  assert len(traces) == 1, traces
+  names = {event.name for plane in ProfileData.from_serialized_xspace(traces[0].read_bytes()).planes
+           for line in plane.lines for event in line.events}
+  assert 'PjitFunction(step)' in names
+
+
 def test_a_start_past_the_profiled_steps_traces_nothing(tmp_path):
-  from dunet_jax import profiling
   profiler = profiling.StepProfiler(PROFILE_STEPS, tmp_path, start_step=PROFILE_STEPS[0])
   for step in range(PROFILE_STEPS[0] + 1, PROFILE_STEPS[1] + 2):
     profiler.before_step(step, None)
