@@ -14,7 +14,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.profiler import ProfileData
 
 from configs import synthetic
-from dunet_jax import profiling, storage, train, xla_options
+from dunet_jax import checkpoint, profiling, storage, train, xla_options
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROFILE_STEPS = (2, 3)
@@ -155,6 +155,13 @@ def test_malformed_profile_steps_are_refused_before_any_work(tmp_path, steps):
   with pytest.raises(ValueError, match=r'config\.train\.profile_steps=.*e\.g\. --config\.train\.profile_steps='):
     train.train_and_evaluate(config, tmp_path / 'run')
   assert not (tmp_path / 'run' / 'config.json').exists()
+
+
+def test_the_long_run_keys_may_change_when_a_run_resumes(tmp_path):
+  config = synthetic.get_config('test')
+  checkpoint.save_config(tmp_path, config)
+  config.train.update(compilation_cache_dir='', profile_steps=(5, 6), deterministic_gpu=True)
+  checkpoint.check_resumable(tmp_path, config)  # no refusal
 
 
 def test_cache_folder_names():
