@@ -17,8 +17,9 @@ folder set outside the config (JAX_COMPILATION_CACHE_DIR, or jax.config in the c
 gradients of gathers and of max-pooling) without atomics, deterministic cuDNN/cuBLAS algorithms and
 no autotuning of fused GEMMs; with the compilation cache (a restart runs the executable the first
 start compiled, autotuning choices included) a resumed GPU run should be bit-equal to an
-uninterrupted one, as it is on CPU. It costs speed (README: Long runs), so it is off by default. XLA_FLAGS is read when jax
-starts its backends; the flag is a GPU debug option that the CPU and TPU backends parse and ignore.
+uninterrupted one, as it is on CPU. It costs speed (README: Long runs), so it is off by default.
+XLA_FLAGS is read when jax starts its backends; the flag is a GPU debug option that the CPU and TPU
+backends parse and ignore.
 """
 import os
 
