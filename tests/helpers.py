@@ -8,7 +8,10 @@ session-wide tiny run is the `tiny_run` fixture of conftest.py.
 import io
 import pathlib
 import re
+import runpy
+import sys
 import tarfile
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -133,3 +136,11 @@ def save_tiny_run(directory: pathlib.Path, step: int = 5) -> tuple[pathlib.Path,
   checkpoint.save(manager, step, state)
   manager.wait_until_finished()
   return workdir, nnx.merge(graphdef, params, model_state)
+
+
+def run_tool(monkeypatch, tool: str, *args: str) -> None:
+  """`python -m dunet_jax.<tool> ARGS`, in this process: the module runs as __main__."""
+  monkeypatch.setattr(sys, 'argv', [f'dunet_jax.{tool}', *args])
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)  # runpy: the module was imported as a library too
+    runpy.run_module(f'dunet_jax.{tool}', run_name='__main__', alter_sys=False)

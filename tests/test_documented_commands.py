@@ -13,10 +13,7 @@ import json
 import logging
 import pathlib
 import re
-import runpy
 import shutil
-import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -26,7 +23,7 @@ from configs import context, voc
 from dunet_jax import train
 from dunet_jax.data import datasets, synthetic
 from dunet_jax.models import dunet
-from helpers import REPO_ROOT, documented_tools, readme_table_rows
+from helpers import REPO_ROOT, documented_tools, readme_table_rows, run_tool
 
 
 def expand_braces(text: str) -> list[str]:
@@ -129,14 +126,6 @@ RUN_PRESET = 'r50_os16'  # the run the tools are tried on
 @pytest.fixture(scope='module')
 def trained_run(builtin_data, tmp_path_factory):
   return train_tiny(RUN_PRESET, builtin_data, tmp_path_factory.getbasetemp())
-
-
-def run_tool(monkeypatch, tool: str, *args: str) -> None:
-  """`python -m dunet_jax.<tool> ARGS`, in this process: the module runs as __main__."""
-  monkeypatch.setattr(sys, 'argv', [f'dunet_jax.{tool}', *args])
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', RuntimeWarning)  # runpy: the module was imported as a library too
-    runpy.run_module(f'dunet_jax.{tool}', run_name='__main__', alter_sys=False)
 
 
 def voc_file(builtin_data, name: str) -> pathlib.Path:

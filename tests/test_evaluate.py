@@ -1,8 +1,6 @@
 """Evaluation over a sharded mesh against a per-image numpy composition on the built-in val split."""
 import functools
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,7 +10,7 @@ from PIL import Image
 
 from dunet_jax import checkpoint, evaluate, score, sharding
 from dunet_jax.data import datasets, palette
-from helpers import REPO_ROOT, reference_probabilities
+from helpers import reference_probabilities, run_tool
 
 
 @pytest.fixture(scope='module')
@@ -47,11 +45,22 @@ def reference_confusion(model, config, builder, scales, flip) -> np.ndarray:
   return confusion
 
 
+_EVALUATIONS = {}
+
+
+def evaluated(run_and_data, scales, flip) -> dict:
+  """evaluate_model of the tiny run on val (2 images logged), once per (scales, flip) in this module."""
+  if (scales, flip) not in _EVALUATIONS:
+    _, model, config, builder, mesh = run_and_data
+    _EVALUATIONS[scales, flip] = evaluate.evaluate_model(model, config, mesh, builder, split='val', scales=scales,
+                                                         flip=flip, num_images_to_log=2)
+  return _EVALUATIONS[scales, flip]
+
+
 @pytest.mark.parametrize('scales, flip', [((1.0,), False), ((0.5, 1.25), True)])
 def test_evaluate_model_equals_per_image_composition(run_and_data, scales, flip):
   _, model, config, builder, mesh = run_and_data
-  result = evaluate.evaluate_model(model, config, mesh, builder, split='val', scales=scales, flip=flip,
-                                   num_images_to_log=2)
+  result = evaluated(run_and_data, scales, flip)
   expected = reference_confusion(model, config, builder, scales, flip)
   # Batched and per-image float32 sums may flip the argmax of near-ties: allow 0.1% of pixels.
   assert result['confusion_matrix'].sum() == expected.sum()
@@ -77,20 +86,19 @@ def test_sliding_window_evaluation_runs_over_crops(run_and_data):
   assert not np.array_equal(windows['confusion_matrix'], whole['confusion_matrix'])
 
 
-def test_cli_writes_json_with_overrides(run_and_data):
+def test_cli_writes_json_with_overrides(run_and_data, monkeypatch, capsys):
+  """`python -m dunet_jax.evaluate`, run in this process (its process boundary: tests/test_cli.py)."""
   workdir, model, config, builder, mesh = run_and_data
   predictions = workdir.parent / 'val_predictions'
-  completed = subprocess.run(
-      [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}', '--config.eval.scales=(0.5,1.25)',
-       '--config.eval.flip=True', f'--save_predictions={predictions}'], cwd=REPO_ROOT, capture_output=True,
-      text=True)
-  assert completed.returncode == 0, completed.stderr
+  run_tool(monkeypatch, 'evaluate', f'--workdir={workdir}', '--config.eval.scales=(0.5,1.25)',
+           '--config.eval.flip=True', f'--save_predictions={predictions}')
+  stdout = capsys.readouterr().out
   written = json.loads((workdir / 'eval_val_5_s0.5-1.25_flip.json').read_text())
   assert written['scales'] == [0.5, 1.25] and written['flip'] and written['step'] == 5
   assert written['class_names'] == list(datasets.class_names(config.data))
-  expected = evaluate.evaluate_model(model, config, mesh, builder, scales=(0.5, 1.25), flip=True)
+  expected = evaluated(run_and_data, (0.5, 1.25), True)
   assert written['miou'] == pytest.approx(expected['miou'], abs=2e-3)
-  assert 'mIoU' in completed.stdout and written['class_names'][1] in completed.stdout
+  assert 'mIoU' in stdout and written['class_names'][1] in stdout
 
   # --save_predictions: one palette PNG per val image, at its original size, named by its id, that
   # the VOC-style scorer scores to exactly the mIoU evaluate printed.
@@ -106,9 +114,8 @@ def test_cli_writes_json_with_overrides(run_and_data):
   confusion, scored = score.score_pairs(pairs, config.data.num_classes)
   np.testing.assert_array_equal(confusion, written['confusion_matrix'])
   assert scored['miou'] == written['miou']
-  assert 'mIoU' in completed.stdout and f'{100 * scored["miou"]:5.2f}' in completed.stdout
+  assert f'{100 * scored["miou"]:5.2f}' in stdout
 
-  refused = subprocess.run(
-      [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}', '--config.model.depth=101'],
-      cwd=REPO_ROOT, capture_output=True, text=True)
-  assert refused.returncode != 0 and '--config.model.depth' in refused.stderr
+  with pytest.raises(SystemExit) as refused:
+    run_tool(monkeypatch, 'evaluate', f'--workdir={workdir}', '--config.model.depth=101')
+  assert '--config.model.depth' in str(refused.value.code)

@@ -20,11 +20,11 @@ import urllib.request
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from dunet_jax import checkpoint, inference, storage
+from helpers import REPO_ROOT
+from training_runs import saved_params
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUCKET = 'dunet-test'
 NUM_STEPS = 4
 
@@ -76,11 +76,6 @@ def _finish(processes: list[subprocess.Popen]) -> None:
   outputs = [process.communicate(timeout=600)[0] for process in processes]
   for process, output in zip(processes, outputs):
     assert process.returncode == 0, output[-4000:]
-
-
-def _params(workdir: str, step: int | None = None):
-  model, _, restored_step = checkpoint.restore_model(workdir, step)
-  return restored_step, jax.device_get(nnx.to_pure_dict(nnx.state(model)))
 
 
 @pytest.fixture(scope='module')
@@ -164,8 +159,8 @@ def test_sigkill_during_a_gcs_save_then_resume_is_bit_identical(remote_run, buck
   _finish(_start_two_processes(workdir, data_dir, '--config.train.checkpoint_every=1'))
   folders = _step_folders(gcs_emulator, workdir)
   assert all('commit_success.txt' in folders[step] for step in uncommitted if step in folders)
-  step, resumed = _params(workdir)
-  reference_step, expected = _params(remote_run)
+  step, resumed = saved_params(workdir)
+  reference_step, expected = saved_params(remote_run)
   assert step == reference_step == NUM_STEPS
   jax.tree.map(np.testing.assert_array_equal, resumed, expected)
 
@@ -176,8 +171,8 @@ def test_inference_and_evaluate_read_the_run_from_gcs(remote_run, gcs_emulator, 
     target = local / name.removeprefix('run/')
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(_read_object(gcs_emulator, name))
-  remote_step, remote_params = _params(remote_run)
-  local_step, local_params = _params(local)
+  remote_step, remote_params = saved_params(remote_run)
+  local_step, local_params = saved_params(local)
   assert remote_step == local_step == NUM_STEPS
   jax.tree.map(np.testing.assert_array_equal, remote_params, local_params)
   image = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)

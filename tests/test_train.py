@@ -12,8 +12,7 @@ from flax import nnx
 
 from configs import synthetic
 from dunet_jax import checkpoint, sharding, train, train_state
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
 
 
 def _tiny_config(**mesh) -> ml_collections.ConfigDict:

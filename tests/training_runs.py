@@ -10,8 +10,8 @@ import jax
 from flax import nnx
 
 from dunet_jax import checkpoint
+from helpers import REPO_ROOT
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 20
 CHECKPOINT_EVERY = 5
 MAIN = ('-m', 'dunet_jax.main')
