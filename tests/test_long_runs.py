@@ -3,7 +3,6 @@ chosen steps, deterministic GPU ops (all in-process; one subprocess where the pr
 import contextlib
 import logging
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -15,8 +14,8 @@ from jax.profiler import ProfileData
 
 from configs import synthetic
 from dunet_jax import checkpoint, profiling, storage, train, xla_options
+from helpers import REPO_ROOT
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROFILE_STEPS = (2, 3)
 NUM_STEPS = 3
 
