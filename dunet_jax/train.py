@@ -177,11 +177,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
       if not is_last:
         batch = sharding.to_global(next(batches), mesh)
   finally:
-    profiler.close()
     watcher.close()
     checkpoint.finish(manager)
     manager.close()
     writer.flush()
+    profiler.close()  # last: a trace that cannot be written never keeps a checkpoint from finishing
   return eval_metrics
 
 
