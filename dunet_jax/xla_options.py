@@ -10,7 +10,9 @@ jax writes through etils.epath, so a gs:// folder goes through the same gcsfs cl
 the workdir (storage.py), and in a multi-process job only process 0 writes entries. jax also hands
 a subfolder to XLA:GPU for its autotuning results, which XLA writes through its own C++ file
 system, which has no gs:// client: compilation on a GPU would fail there, so for a remote folder
-that extra cache is turned off (unless JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES says otherwise). A
+that extra cache is turned off (unless JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES says otherwise). So is
+the cache's size limit: jax enforces it under a file lock that the filelock package can only make on
+a local disk (for gs://bucket/x it makes a local folder 'gs:/bucket/x'). A
 folder set outside the config (JAX_COMPILATION_CACHE_DIR, or jax.config in the calling program) wins.
 
 `train.deterministic_gpu` adds XLA's --xla_gpu_deterministic_ops to XLA_FLAGS: scatters (the
@@ -33,6 +35,7 @@ from dunet_jax import storage
 CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
 XLA_CACHES_ENV = 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'
 _XLA_CACHES_DEFAULT = jax.config.jax_persistent_cache_enable_xla_caches
+_MAX_SIZE_DEFAULT = jax.config.jax_compilation_cache_max_size
 WORKDIR_PLACEHOLDER = '{workdir}'
 DETERMINISTIC_GPU_FLAG = '--xla_gpu_deterministic_ops=true'
 
@@ -66,9 +69,10 @@ def use_compilation_cache(setting: str, workdir: storage.PathLike) -> str | None
     compilation_cache.reset_cache()  # jax opens its cache once; forget one opened for another folder
     jax.config.update('jax_compilation_cache_dir', folder)
     _folder_set_here = folder
+    remote = folder is not None and storage.is_remote(folder)
     if not os.environ.get(XLA_CACHES_ENV):
-      remote = folder is not None and storage.is_remote(folder)
       jax.config.update('jax_persistent_cache_enable_xla_caches', 'none' if remote else _XLA_CACHES_DEFAULT)
+    jax.config.update('jax_compilation_cache_max_size', -1 if remote else _MAX_SIZE_DEFAULT)
   if folder:
     logging.info('XLA compilation cache: %s (train.compilation_cache_dir).', folder)
   return folder

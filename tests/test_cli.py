@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 
@@ -118,5 +119,8 @@ def test_evaluate_joins_a_two_process_job_and_agrees_with_one_process(tiny_run, 
   assert [process.returncode for process in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
   written = json.loads(path.read_text())
   assert written['num_images'] == one['num_images']
-  assert written['confusion_matrix'] == one['confusion_matrix'].tolist()
+  two, one = np.asarray(written['confusion_matrix']), one['confusion_matrix']
+  np.testing.assert_array_equal(two.sum(1), one.sum(1))  # every labelled pixel scored exactly once
+  # The random tiny model's near-ties may flip a pixel or two between device layouts (float sums).
+  assert np.abs(two - one).sum() <= 1e-3 * one.sum()
   assert 'read_only' not in outputs[0] and 'oneDNN' not in outputs[0]  # orbax and TensorFlow chatter

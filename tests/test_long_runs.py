@@ -3,6 +3,7 @@ chosen steps, deterministic GPU ops (all in-process; one subprocess where the pr
 import contextlib
 import logging
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -206,6 +207,7 @@ def test_the_compilation_cache_works_on_gcs(gcs_emulator):
   assert any(name.startswith('jit_program-') for name in written), written
   assert 'jit_program' not in first.cache_hits() and 'jit_program' in second.cache_hits()
   assert local_xla_caches == 'xla_gpu_per_fusion_autotune_cache_dir'  # jax's default, for a local folder
+  assert not pathlib.Path('gs:').exists(), 'a gs:// cache folder was also made on the local disk'
 
 
 def test_deterministic_gpu_reaches_xla_flags_only_when_on(monkeypatch):

@@ -128,7 +128,7 @@ def test_dunet_same_weights_same_outputs_with_either_implementation():
   config = synthetic.get_config('test').model
   config.compute_dtype = 'float32'
   config.cpu_conv = 'matmul'
-  w = np.linalg.qr(np.random.default_rng(3).standard_normal((16 * 16 * 21, 16)))[0]
+  w = np.linalg.qr(np.random.default_rng(3).standard_normal((config.output_stride ** 2 * 21, 16)))[0]
   model = DUNet(config, 21, reconstruction=w.astype(np.float32), rngs=nnx.Rngs(0))
   model.eval()
   convs = [m for _, m in nnx.iter_modules(model) if isinstance(m, Conv2d)]
@@ -148,4 +148,4 @@ def test_unknown_implementation_is_refused():
   config = synthetic.get_config('test').model
   config.cpu_conv = 'cudnn'
   with pytest.raises(ValueError, match='model.cpu_conv'):
-    DUNet(config, 21, reconstruction=np.eye(16 * 16 * 21, 16, dtype=np.float32), rngs=nnx.Rngs(0))
+    DUNet(config, 21, reconstruction=np.eye(config.output_stride ** 2 * 21, 16, dtype=np.float32), rngs=nnx.Rngs(0))
