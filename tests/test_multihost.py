@@ -68,15 +68,16 @@ def test_two_processes_wait_for_a_slow_chief_match_one_process_and_stop_together
   - JAX's preemption notifier: a SIGTERM to process 1 only makes both processes save the same step
     and exit with preemption.EXIT_CODE; the run then resumes from that step.
   """
-  single = tmp_path / 'single'
-  run(single, data_dir, '--config.train.num_steps=1', '--config.train.checkpoint_every=1', devices=4)
-
   multi = tmp_path / 'multi'
   endless = ('--config.train.num_steps=100000', '--config.train.checkpoint_every=1',
              '--config.train.keep_checkpoints=100000')  # the run can only end by preemption
   processes = [start(multi, data_dir, *endless, devices=2, extra_flags=process_flags(coordinator_address, index),
                      program=('-c', SLOW_CHIEF) if index == 0 else ('-m', 'dunet_jax.main'))
                for index in range(2)]
+  # The one-process run, while process 0 sleeps; its own copy of the (deterministic) built-in data.
+  single = tmp_path / 'single'
+  run(single, tmp_path / 'single_data', '--config.train.num_steps=1', '--config.train.checkpoint_every=1',
+      devices=4)
   wait_for_checkpoint(processes[0], multi, 2)
   processes[1].send_signal(signal.SIGTERM)
   outputs = [p.communicate(timeout=300)[0] for p in processes]
