@@ -71,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.weight_decay = 1e-4
   train.init_from = ''               # fine-tune: a workdir or WORKDIR/checkpoints/<step> (dunet_jax/fine_tune.py)
   train.w_num_images = 0             # label maps used to fit W; 0 = the whole train split
+  # W's eigen-solver: 'exact' (LAPACK eigh), 'randomized' (subspace iteration), 'auto' (exact up to N = 6,144)
+  train.w_solver = 'auto'
   train.log_every = 50
   train.eval_every = 5000
   train.checkpoint_every = 1000

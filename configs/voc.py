@@ -131,6 +131,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   model.decoder_channels = 16
   model.num_components = 16
   model.compute_dtype = 'float32'
+  train.w_solver = 'randomized'  # N = r*r*21 = 5,376 at stride 16: several times faster than eigh, same subspace
   train.batch_size = 8
   train.num_steps = 4
   train.log_every = 2

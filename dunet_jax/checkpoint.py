@@ -52,7 +52,8 @@ RESUMABLE_CHANGES = ('data.manual_dir', 'data.tfds_data_dir', 'data.skip_bad_fil
                      'train.keep_checkpoints', 'train.peak_flops', 'eval.', 'mesh.',
                      'train.compilation_cache_dir', 'train.profile_steps', 'train.deterministic_gpu',
                      'model.require_pretrained',  # a start-time guard; runs recorded before it lack it
-                     'train.init_from')  # read only when a run starts: a resumed run never reads its source
+                     'train.init_from',  # read only when a run starts: a resumed run never reads its source
+                     'train.w_solver')  # read only when W is fitted; a resumed run reads the W it recorded
 
 
 # Optimisation settings a user may change when resuming (a lower learning rate after a NaN, more

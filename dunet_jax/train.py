@@ -83,7 +83,7 @@ def fit_or_load_w(config: ml_collections.ConfigDict, workdir: epath.Path, builde
   fit = reconstruction.fit_pca(
       (sharding.to_global({'label': batch['label']}, mesh)['label'] for batch in label_batches),
       ratio=config.model.output_stride, num_classes=config.data.num_classes,
-      num_components=config.model.num_components, mesh=mesh)
+      num_components=config.model.num_components, mesh=mesh, solver=config.train.w_solver)
   logging.info('Fitted W (%d x %d) from %d label windows in %.1fs.', *fit.w.shape, fit.num_windows,
                time.time() - started)
   multihost.chief_decides('reconstruction written', lambda: reconstruction.save_reconstruction(path, fit))
@@ -191,6 +191,8 @@ def check_before_start(config: ml_collections.ConfigDict, workdir: epath.Path) -
   message naming the key or path and a value that works."""
   config_checks.validate_model(config)
   profiling.check_steps(config.train.profile_steps)
+  if config.train.w_solver not in reconstruction.SOLVERS:
+    raise ValueError(f'config.train.w_solver={config.train.w_solver!r}: use one of {reconstruction.SOLVERS}.')
   devices = jax.device_count()
   for section, name in (('train', 'batch_size'), ('eval', 'batch_size')):
     value = config[section][name]

@@ -173,3 +173,11 @@ def test_missing_dataset_directory_names_the_path(tmp_path):
   assert result.returncode != 0
   assert str(missing) in result.stderr
   assert 'Traceback' not in result.stderr.splitlines()[-1]
+
+
+def test_unknown_w_solver_is_refused_before_any_work(tmp_path):
+  config = _tiny_config()
+  config.train.w_solver = 'lanczos'
+  with pytest.raises(ValueError, match=r"train.w_solver='lanczos': use one of \('auto', 'exact', 'randomized'\)"):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  assert not (tmp_path / 'run' / 'config.json').exists()

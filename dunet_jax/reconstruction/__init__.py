@@ -9,8 +9,8 @@ Compressing labels with W and the SGD alternative live with their only user, `du
 """
 from dunet_jax.reconstruction.files import load_reconstruction, save_reconstruction
 from dunet_jax.reconstruction.moments import WindowMoments, accumulate_moments
-from dunet_jax.reconstruction.solvers import (ReconstructionFit, fit_pca, reconstruction_error,
+from dunet_jax.reconstruction.solvers import (SOLVERS, ReconstructionFit, fit_pca, reconstruction_error,
                                               solve_moments)
 
-__all__ = ['ReconstructionFit', 'WindowMoments', 'accumulate_moments', 'fit_pca', 'load_reconstruction',
+__all__ = ['SOLVERS', 'ReconstructionFit', 'WindowMoments', 'accumulate_moments', 'fit_pca', 'load_reconstruction',
            'reconstruction_error', 'save_reconstruction', 'solve_moments']

@@ -20,6 +20,7 @@ from dunet_jax.reconstruction.moments import WindowMoments, accumulate_moments
 # solver='auto' uses eigh up to this N = r*r*C (VOC's 21 classes up to r = 16, N = 5,376; Context's 60
 # up to r = 8): exact and a dense M of at most 300 MB. Subspace iteration above.
 EXACT_MAX_SIZE = 6144
+SOLVERS = ('auto', 'exact', 'randomized')
 
 
 @dataclasses.dataclass(frozen=True)
