@@ -178,7 +178,9 @@ def run_phase(args, phase: str, **extra) -> dict:
                            stderr=subprocess.PIPE, text=True)
   if process.returncode:
     raise RuntimeError(f'phase {phase} failed:\n{process.stderr[-4000:]}')
-  return json.loads(process.stdout.strip().splitlines()[-1])
+  result = json.loads(process.stdout.strip().splitlines()[-1])
+  print(json.dumps({'phase': phase, **extra, **result}), file=sys.stderr, flush=True)  # a long run's progress
+  return result
 
 
 def _memory_of(pid: int) -> tuple[int, int]:
