@@ -3,7 +3,6 @@ cache, and the real VOC labels."""
 import os
 import pathlib
 import shutil
-import socket
 import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -26,6 +25,7 @@ jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_compilation_cache_dir', os.environ[CACHE_ENV])
 
 from helpers import REPO_ROOT, save_tiny_run  # noqa: E402
+from training_runs import free_coordinator_address  # noqa: E402
 
 VOC_LABELS_DIR = REPO_ROOT.parent / 'shared' / 'data' / 'voc2012_labels'
 
@@ -49,9 +49,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture
 def coordinator_address() -> str:
   """A free localhost port for a jax.distributed coordinator of multi-process tests."""
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return f'localhost:{s.getsockname()[1]}'
+  return free_coordinator_address()
 
 
 @pytest.fixture(scope='session')

@@ -12,6 +12,7 @@ from absl import flags
 
 from dunet_jax import cli
 from helpers import REPO_ROOT, documented_tools
+from training_runs import process_flags
 
 CONFIG = f'--config={REPO_ROOT}/configs/voc.py:r50_os16,tiny'
 
@@ -111,8 +112,7 @@ def test_evaluate_joins_a_two_process_job_and_agrees_with_one_process(tiny_run, 
   path.unlink()
   env = {**os.environ, 'JAX_NUM_CPU_DEVICES': '4', 'JAX_PLATFORMS': 'cpu'}
   processes = [subprocess.Popen(
-      [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}',
-       f'--coordinator_address={coordinator_address}', '--num_processes=2', f'--process_id={index}'],
+      [sys.executable, '-m', 'dunet_jax.evaluate', f'--workdir={workdir}', *process_flags(coordinator_address, index)],
       cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for index in range(2)]
   outputs = [process.communicate(timeout=300)[0] for process in processes]

@@ -10,9 +10,7 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -23,7 +21,7 @@ import pytest
 
 from dunet_jax import checkpoint, inference, storage
 from helpers import REPO_ROOT
-from training_runs import saved_params
+from training_runs import free_coordinator_address, process_flags, saved_params, start
 
 BUCKET = 'dunet-test'
 NUM_STEPS = 4
@@ -53,22 +51,11 @@ def _step_folders(emulator, run: str) -> dict[int, set[str]]:
   return folders
 
 
-def _command(workdir: str, data_dir: pathlib.Path, *overrides: str) -> list[str]:
-  return [sys.executable, '-m', 'dunet_jax.main', '--config=configs/synthetic.py:test', f'--workdir={workdir}',
-          f'--config.data.manual_dir={data_dir}/manual', f'--config.data.tfds_data_dir={data_dir}/tfds',
-          f'--config.train.num_steps={NUM_STEPS}', '--config.train.eval_every=1000',
-          '--config.train.w_num_images=8', *overrides]
-
-
 def _start_two_processes(workdir: str, data_dir: pathlib.Path, *overrides: str) -> list[subprocess.Popen]:
-  """Two localhost processes x 2 CPU devices training the run in `workdir`."""
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    coordinator = f'localhost:{s.getsockname()[1]}'
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'}
-  return [subprocess.Popen(_command(workdir, data_dir, *overrides, f'--coordinator_address={coordinator}',
-                                    '--num_processes=2', f'--process_id={index}'),
-                           cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  """Two localhost processes x 2 CPU devices training the short run in `workdir`."""
+  address = free_coordinator_address()
+  return [start(workdir, data_dir, f'--config.train.num_steps={NUM_STEPS}', '--config.train.w_num_images=8',
+                *overrides, devices=2, extra_flags=process_flags(address, index))
           for index in range(2)]
 
 

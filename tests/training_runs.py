@@ -2,6 +2,7 @@
 multi-process tests: start, wait for a checkpoint, read back parameters."""
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,8 @@ def command(workdir, data_dir, *overrides, extra_flags=(), program=MAIN) -> list
 
 
 def environment(devices: int = 1) -> dict[str, str]:
-  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  # JAX_PLATFORMS: a machine with libtpu installed (for compile_check) must not look for a TPU here.
+  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu'}
 
 
 def run(workdir, data_dir, *overrides, devices=1, check=True) -> subprocess.CompletedProcess:
@@ -37,6 +39,13 @@ def start(workdir, data_dir, *overrides, devices=1, extra_flags=(), program=MAIN
   return subprocess.Popen(command(workdir, data_dir, *overrides, extra_flags=extra_flags, program=program),
                           cwd=REPO_ROOT, env=environment(devices), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
+
+
+def free_coordinator_address() -> str:
+  """A free localhost port for the jax.distributed coordinator of a multi-process run."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return f'localhost:{s.getsockname()[1]}'
 
 
 def process_flags(coordinator_address: str, index: int, count: int = 2) -> tuple[str, ...]:
