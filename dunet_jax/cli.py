@@ -47,6 +47,13 @@ CHATTER_LINES = (
     r'^[IWE]\d{4} [\d:.]+ +\d+ util\.cc:\d+\] oneDNN supports DT_\w+ only on platforms with AVX-512\.',
     r'^[IWE]\d{4} [\d:.]+ +\d+ cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized',
     r'^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.$',
+    # libtpu describing a topology with no TPU attached (compile_check): it looks for the slice it runs on.
+    r'^Failed to find host bounds for accelerator type: WARNING: could not determine TPU accelerator type',
+    r'^WARNING: Logging before InitGoogle\(\) is written to STDERR$',
+    r"^E\d{4} [\d:.]+ +\d+ common_lib\.cc:\d+\] INVALID_ARGUMENT: Error: unexpected worker hostname 'WARNING: "
+    r'could not determine TPU worker hostnames',
+    r'^=== Source Location Trace: === ?$',
+    r'^learning/\w+/tfrc/runtime/libtpu_init_utils\.cc:\d+$',
 )
 
 # Python log records of libraries that are not for users: orbax's per-save/restore INFO, its

@@ -75,7 +75,16 @@ def test_misspelt_key_ends_as_one_message_without_chatter(tmp_path):
 def test_stderr_filter_drops_chatter_and_keeps_the_rest_even_when_the_process_aborts():
   chatter = ('WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n'
              'I0000 00:00:1796021926.513314   10030 port.cc:153] oneDNN custom operations are on. You may '
-             'see slightly different numerical results.\n')
+             'see slightly different numerical results.\n'
+             # libtpu's lines when compile_check describes a slice with no TPU attached
+             'Failed to find host bounds for accelerator type: WARNING: could not determine TPU accelerator type, '
+             'please set env var `TPU_ACCELERATOR_TYPE` manually, otherwise libtpu.so may not properly initialize.\n'
+             'WARNING: Logging before InitGoogle() is written to STDERR\n'
+             "E0000 00:00:1796041705.333788    3132 common_lib.cc:554] INVALID_ARGUMENT: Error: unexpected worker "
+             "hostname 'WARNING: could not determine TPU worker hostnames or IP addresses' from env var "
+             'TPU_WORKER_HOSTNAMES.\n'
+             '=== Source Location Trace: === \n'
+             'learning/45eac/tfrc/runtime/libtpu_init_utils.cc:327\n')
   script = ('import os\nfrom dunet_jax import cli\ncli.filter_stderr()\n'
             f'os.write(2, {chatter.encode()!r})\n'
             "os.write(2, b'E0000 00:00:1.0 1 cuda_executor.cc:1] something a user must see\\n')\n"
