@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.pretrained = ''              # .npz of `python -m dunet_jax.convert_weights`; 'none': from scratch on purpose
   model.require_pretrained = False   # True (paper presets): refuse to train without model.pretrained
   model.compute_dtype = 'bfloat16'   # activations; parameters, BN statistics and loss stay float32
-  model.cpu_conv = 'xla'             # 3x3 convs on CPU: 'xla' or 'matmul' (shifted matmuls; models/cpu_conv.py)
+  model.cpu_conv = 'matmul'          # bf16 convs on CPU as bf16 matmuls ('matmul') or XLA's ('xla'); models/cpu_conv.py
   model.pixel_mean = (0.485, 0.456, 0.406)  # RGB, 0..1 units; must match the pretrained weights'
   model.pixel_std = (0.229, 0.224, 0.225)   # normalisation (recorded in the .npz, checked on load)
 

@@ -1,38 +1,37 @@
-"""Stride-1 convolutions as shifted matmuls, so that bfloat16 reaches XLA:CPU's bf16 dot kernels.
+"""Convolutions as bf16 matmuls on CPU, so that bfloat16 reaches XLA:CPU's bf16 dot kernels.
 
-XLA:CPU (jaxlib 0.10) computes a bfloat16 `convolution` in float32: it converts the operands of
-every convolution to float32, and those of every dot whose operands are not both row-major
-(contracting dimension last on the left, first on the right); no XLA:CPU flag of that release
-changes this (the YNNPACK fusion types and the oneDNN options leave the convolution float32). A
-bf16 x bf16 -> f32 dot with row-major operands runs in YNNPACK's bf16 kernels instead.
+XLA:CPU (jaxlib 0.10) computes a bfloat16 `convolution` in float32 (it converts the operands of
+every convolution to float32), and so it does every bf16 dot whose result is bf16 or whose operands
+are not both row-major (contracting dimension last on the left, first on the right). It also moves
+bf16 data (pad, slice, concatenate, transpose) through float32: a concatenation of bf16 taps took
+16 ms where the same bits as uint16 took 1.3 ms. Only a bf16 x bf16 -> float32 dot with row-major
+operands runs in YNNPACK's bf16 kernels. No XLA:CPU flag of that release changes this.
 
-Here a k x k convolution (any dilation, stride 1) is k*k such dots. The zero-padded images are
-flattened to rows of (batch * padded height * padded width, channels), followed by as many zero
-rows as the last tap's offset, so that moving the window by (i, j) taps is a contiguous slice of
-rows starting at i * dilation * padded_width + j * dilation; the output is computed on the whole
-padded grid (also across image boundaries) and the rows outside the images are dropped. The
-backward pass (a custom VJP) keeps the form: the input gradient is k*k dots of the row-shifted
-output gradient with the transposed taps, and the kernel gradient is k*k dots of the transposed
-output gradient with the same input slices. That transposed operand is written by padding the
-transposed NHWC gradient: a plain transpose of its rows is folded into the dot by XLA, leaving a
-dot that contracts its operands' major dimension, which XLA:CPU then upcasts to float32. So all
-k*k * 3 dots of a training step run in bf16 (tested on the compiled program).
+So on CPU a k x k convolution (odd k, any dilation, stride 1; 1x1 also strided) is written as:
+- width taps: the k horizontally shifted copies of the input (zero outside the image) side by side,
+  (B, H, W, k*C), built on the uint16 bits of bf16 data;
+- one dot of those rows with the kernel laid out as (k*C, k*O): column block i is kernel row i;
+- the sum of the k float32 column blocks, block i shifted by (i - (k-1)/2) * dilation rows of the
+  image (zero where that leaves the image), rounded once to the compute dtype.
+Every output pixel is computed once (no padded grid). The backward pass (a custom VJP) keeps the
+form: the input gradient is the same construction on the output gradient with the flipped,
+transposed kernel (the transpose of a 'same' stride-1 convolution), and the kernel gradient is one
+dot of the height-shifted output gradients, laid out transposed (k*O, B*H*W), with the width taps
+saved from the forward pass. All three dots of a training step take row-major bf16 operands and
+return float32 (tested on the compiled program).
 
-The cost beyond the dots is memory traffic: each tap's slice is copied, and the k*k float32
-partial products are summed. That pays for wide convolutions (256 channels and up) and not for
-narrow ones (64 channels at high resolution), where XLA's float32 convolution is faster; see the
-README for the figures on this project's CPU (AMD EPYC, AVX-512 BF16, no AMX).
-
-With model.cpu_conv='matmul', `conv2d` picks this path at LOWERING time
-(`jax.lax.platform_dependent`), so a program traced on a CPU host and lowered for TPU or GPU keeps
-XLA's convolution there. The default is 'xla'.
+`conv2d(implementation='matmul')` picks this path at LOWERING time (`jax.lax.platform_dependent`),
+so a program traced on a CPU host and lowered for TPU or GPU keeps XLA's convolution there, and
+the parameters are the same either way. Strided k x k convolutions (k > 1) and grouped ones stay
+XLA's. README, 'Train step on CPU', has the figures.
 """
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('xla', 'matmul')
+IMPLEMENTATIONS = ('matmul', 'xla')
 
 
 def xla_conv(x: jax.Array, kernel: jax.Array, *, stride: int, dilation: int,
@@ -45,25 +44,47 @@ def xla_conv(x: jax.Array, kernel: jax.Array, *, stride: int, dilation: int,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _geometry(shape: tuple[int, ...], size: int, dilation: int):
-  batch, height, width, _ = shape
-  pad = dilation * (size - 1) // 2
-  padded_width = width + 2 * pad
-  rows = batch * (height + 2 * pad) * padded_width  # the padded images' pixels, one row each
-  offsets = [i * dilation * padded_width + j * dilation for i in range(size) for j in range(size)]
-  return pad, padded_width, offsets, rows
+def _on_bits(move: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+  """move(x) computed on x's bits when x is bf16: XLA:CPU moves 16-bit integers as they are."""
+  if x.dtype != jnp.bfloat16:
+    return move(x)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return jax.lax.bitcast_convert_type(move(bits), jnp.bfloat16)
 
 
-def _unrows(y: jax.Array, shape: tuple[int, ...], pad: int, padded_width: int, start: int) -> jax.Array:
-  """(rows, C) on the padded grid -> NHWC: the height x width window whose corner is at (start, start)."""
-  batch, height, width, _ = shape
-  y = y.reshape(batch, height + 2 * pad, padded_width, -1)
-  return y[:, start:start + height, start:start + width]
+def _shift_rows(x: jax.Array, shift: int) -> jax.Array:
+  """x[:, y + shift] along the height axis, zero where y + shift leaves the image."""
+  if shift == 0:
+    return x
+  height = x.shape[1]
+  pads = [(0, 0)] * x.ndim
+  pads[1] = (max(-shift, 0), max(shift, 0))
+  return jnp.pad(x, pads)[:, max(shift, 0):max(shift, 0) + height]
+
+
+def _width_taps(x: jax.Array, size: int, dilation: int) -> jax.Array:
+  """(B, H, W, size*C): the size horizontally shifted copies of x (zero outside), side by side."""
+  def move(x):
+    half = (size - 1) // 2 * dilation
+    width = x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
+    return jnp.concatenate([padded[:, :, j * dilation:j * dilation + width] for j in range(size)], axis=-1)
+  return x if size == 1 else _on_bits(move, x)
+
+
+def _same_conv(taps: jax.Array, kernel_blocks: jax.Array, size: int, dilation: int) -> jax.Array:
+  """float32 stride-1 'same' convolution from the width taps and the kernel as (size*C, size*O)."""
+  batch, height, width, _ = taps.shape
+  out_channels = kernel_blocks.shape[1] // size
+  blocks = jnp.dot(taps.reshape(batch * height * width, -1), kernel_blocks,
+                   preferred_element_type=jnp.float32).reshape(batch, height, width, size, out_channels)
+  half = (size - 1) // 2
+  return sum(_shift_rows(blocks[:, :, :, i], (i - half) * dilation) for i in range(size))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def shifted_matmul_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
-  """Stride-1, ungrouped NHWC x HWIO convolution (odd square kernel) as k*k row-shifted matmuls.
+def matmul_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+  """Stride-1, ungrouped NHWC x HWIO 'same' convolution (odd square kernel) as one dot per pass.
 
   `kernel` may be float32 (a parameter): it is cast to x's dtype, and its gradient comes back in
   the kernel's dtype, accumulated in float32.
@@ -72,60 +93,83 @@ def shifted_matmul_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.A
 
 
 def _forward(x, kernel, dilation):
-  size = kernel.shape[0]
-  pad, padded_width, offsets, rows = _geometry(x.shape, size, dilation)
-  # `offsets[-1]` zero rows after the last image, so that every tap's slice has `rows` rows.
-  flat = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).reshape(rows, x.shape[-1])
-  flat = jnp.pad(flat, ((0, offsets[-1]), (0, 0)))
-  taps = kernel.astype(x.dtype).reshape(size * size, x.shape[-1], -1)
-  y = sum(jnp.dot(flat[offset:offset + rows], taps[t], preferred_element_type=jnp.float32)
-          for t, offset in enumerate(offsets))
-  return _unrows(y.astype(x.dtype), x.shape, pad, padded_width, 0), (flat, kernel)
+  size, _, channels, out_channels = kernel.shape
+  taps = _width_taps(x, size, dilation)
+  # Laid out in float32 (the parameter's dtype) and then cast: XLA:CPU transposes bf16 slowly.
+  blocks = kernel.transpose(1, 2, 0, 3).reshape(size * channels, size * out_channels).astype(x.dtype)
+  return _same_conv(taps, blocks, size, dilation).astype(x.dtype), (taps, kernel)
 
 
 def _backward(dilation, residuals, grad):
-  flat, kernel = residuals
-  size = kernel.shape[0]
-  batch, height, width, out_channels = grad.shape
-  channels = flat.shape[-1]
-  shape = (batch, height, width, channels)
-  pad, padded_width, offsets, rows = _geometry(shape, size, dilation)
-  # The output gradient on the forward's row grid (zero on the rows the forward dropped), each
-  # shifted back by its tap: the input gradient is k*k dots with the transposed taps.
-  grad_rows = jnp.pad(grad, ((0, 0), (0, 2 * pad), (0, padded_width - width), (0, 0)))
-  grad_rows = jnp.pad(grad_rows.reshape(rows, out_channels), ((offsets[-1], 0), (0, 0)))
-  taps_t = jnp.swapaxes(kernel.astype(grad.dtype).reshape(size * size, channels, out_channels), 1, 2)
-  dx = sum(jnp.dot(grad_rows[offsets[-1] - offset:offsets[-1] - offset + rows], taps_t[t],
-                   preferred_element_type=jnp.float32) for t, offset in enumerate(offsets))
-  dx = _unrows(dx, shape, pad, padded_width, pad)
-  # The kernel gradient is (output gradient)^T @ (input slice) per tap. Transposed by the pad of the
-  # NHWC gradient (not by `.T` of its rows, which XLA folds into the dot, leaving a dot that
-  # contracts its operands' major dimension and that XLA:CPU computes in float32), the left
-  # operand is row-major and the dots run in the bf16 kernels.
-  grad_t = jnp.pad(jnp.transpose(grad, (3, 0, 1, 2)),
-                   ((0, 0), (0, 0), (0, 2 * pad), (0, padded_width - width))).reshape(out_channels, rows)
-  dkernel = jnp.stack([jnp.dot(grad_t, flat[offset:offset + rows], preferred_element_type=jnp.float32)
-                       for offset in offsets])
-  dkernel = jnp.swapaxes(dkernel, 1, 2).reshape(kernel.shape)
-  return dx.astype(grad.dtype), dkernel.astype(kernel.dtype)
+  taps, kernel = residuals
+  size, _, channels, out_channels = kernel.shape
+  half = (size - 1) // 2
+  # Kernel gradient: row block i of (size*O, B*H*W) is the output gradient shifted up by kernel
+  # row i's offset, transposed; one dot with the forward's width taps gives (size*O, size*C).
+  def shifted_transposed(grad):
+    return jnp.concatenate([jnp.moveaxis(_shift_rows(grad, -(i - half) * dilation), -1, 0)
+                            for i in range(size)], axis=0).reshape(size * out_channels, -1)
+  kernel_grad = jnp.dot(_on_bits(shifted_transposed, grad), taps.reshape(-1, size * channels),
+                        preferred_element_type=jnp.float32)
+  kernel_grad = kernel_grad.reshape(size, out_channels, size, channels).transpose(0, 2, 3, 1)
+  # Input gradient: the 'same' convolution of the output gradient with the flipped kernel, its
+  # input and output channels swapped.
+  flipped = kernel[::-1, ::-1].transpose(1, 3, 0, 2)
+  blocks = flipped.reshape(size * out_channels, size * channels).astype(grad.dtype)
+  x_grad = _same_conv(_width_taps(grad, size, dilation), blocks, size, dilation)
+  return x_grad.astype(grad.dtype), kernel_grad.astype(kernel.dtype)
 
 
-shifted_matmul_conv.defvjp(_forward, _backward)
+matmul_conv.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _subsample(x: jax.Array, stride: int, shape: tuple[int, ...]) -> jax.Array:
+  """x[:, ::stride, ::stride] whose gradient is built on the bits of bf16 data (see _on_bits)."""
+  return _on_bits(lambda x: x[:, ::stride, ::stride], x)
+
+
+def _subsample_forward(x, stride, shape):
+  return _subsample(x, stride, shape), None
+
+
+def _subsample_backward(stride, shape, _, grad):
+  def spread(grad):
+    zero = jnp.zeros((), grad.dtype)
+    return jax.lax.pad(grad, zero, [(0, 0, 0)] + [(0, n - 1 - (g - 1) * stride, stride - 1)
+                                                  for n, g in zip(shape[1:3], grad.shape[1:3])] + [(0, 0, 0)])
+  return (_on_bits(spread, grad),)
+
+
+_subsample.defvjp(_subsample_forward, _subsample_backward)
+
+
+def _einsum_1x1(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  return jnp.einsum('bhwi,io->bhwo', x[:, ::stride, ::stride], kernel[0, 0].astype(x.dtype))
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation: int = 1, groups: int = 1,
-           implementation: str = 'xla') -> jax.Array:
+           implementation: str = 'matmul') -> jax.Array:
   """NHWC convolution, symmetric padding; `kernel` (HWIO) is cast to x's dtype.
 
-  implementation: 'xla' = XLA's convolution; 'matmul' = shifted matmuls where they apply (stride 1,
-  no groups, odd square kernel) when the program is lowered for CPU, XLA's convolution otherwise.
+  implementation: 'matmul' = matmul_conv for a bf16 convolution that it covers (ungrouped, odd
+  square kernel, stride 1 unless 1x1) when the program is lowered for CPU, XLA's convolution
+  elsewhere (in float32 XLA:CPU's own convolutions were as fast); 'xla' = XLA everywhere. XLA's
+  form of a 1x1 convolution is an einsum over the strided input (a matmul).
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model.cpu_conv={implementation!r}: use one of {IMPLEMENTATIONS}')
-  def accelerator(x, kernel):
-    return xla_conv(x, kernel.astype(x.dtype), stride=stride, dilation=dilation, groups=groups)
   size = kernel.shape[0]
-  if implementation == 'xla' or stride != 1 or groups != 1 or kernel.shape[1] != size or size % 2 == 0:
+  def accelerator(x, kernel):
+    if size == 1 and groups == 1:
+      return _einsum_1x1(x, kernel, stride)
+    return xla_conv(x, kernel.astype(x.dtype), stride=stride, dilation=dilation, groups=groups)
+  covered = (x.dtype == jnp.bfloat16 and groups == 1 and kernel.shape[1] == size and size % 2 == 1
+             and (stride == 1 or size == 1))
+  if implementation == 'xla' or not covered:
     return accelerator(x, kernel)
-  return jax.lax.platform_dependent(
-      x, kernel, cpu=lambda x, kernel: shifted_matmul_conv(x, kernel, dilation), default=accelerator)
+  def cpu(x, kernel):
+    if stride != 1:
+      x = _subsample(x, stride, x.shape)
+    return matmul_conv(x, kernel, dilation)
+  return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=accelerator)

@@ -58,7 +58,7 @@ class DUNet(nnx.Module):
                                  num_classes, reconstruction, dtype=dtype, rngs=rngs)
     self.pixel_mean = tuple(255.0 * m for m in model_config.pixel_mean)
     self.pixel_std = tuple(255.0 * s for s in model_config.pixel_std)
-    implementation = model_config.get('cpu_conv', 'xla')
+    implementation = model_config.get('cpu_conv', 'matmul')
     if implementation not in cpu_conv.IMPLEMENTATIONS:
       raise ValueError(f'config.model.cpu_conv={implementation!r}: use one of '
                        f'{cpu_conv.IMPLEMENTATIONS}')

@@ -2,9 +2,8 @@
 
 Convolutions pad symmetrically by dilation * (k - 1) / 2, as PyTorch does, so a stride-2 conv
 samples the same pixels as torchvision's (XLA's 'SAME' pads asymmetrically and would not).
-1x1 convolutions are written as an einsum over a (strided) slice: the same computation, which
-XLA:CPU runs as a matmul, faster than `conv_general_dilated` (README, 'Train step on CPU'). Larger kernels go through
-cpu_conv.conv2d, which can run them on CPU as shifted matmuls (`implementation`, model.cpu_conv).
+Every convolution goes through cpu_conv.conv2d: on CPU it runs as bf16 matmuls (model.cpu_conv,
+`implementation`), elsewhere as XLA's convolution (1x1: an einsum over the strided input).
 """
 from typing import Callable
 
@@ -32,7 +31,7 @@ class Conv2d(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
                dilation: int = 1, groups: int = 1, use_bias: bool = False,
-               kernel_init: Callable = BACKBONE_INIT, dtype=jnp.float32, implementation: str = 'xla',
+               kernel_init: Callable = BACKBONE_INIT, dtype=jnp.float32, implementation: str = 'matmul',
                rngs: nnx.Rngs):
     if in_channels % groups:
       raise ValueError(f'Conv2d: {in_channels} input channels do not split into {groups} groups')
@@ -47,13 +46,8 @@ class Conv2d(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((out_channels,), jnp.float32)) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
-    if self.kernel_size == 1 and self.groups == 1:
-      kernel = self.kernel[...].astype(self.dtype)
-      y = jnp.einsum('bhwi,io->bhwo', x[:, ::self.stride, ::self.stride], kernel[0, 0])
-    else:
-      y = cpu_conv.conv2d(x, self.kernel[...], stride=self.stride, dilation=self.dilation,
-                          groups=self.groups, implementation=self.implementation)
+    y = cpu_conv.conv2d(x.astype(self.dtype), self.kernel[...], stride=self.stride,
+                        dilation=self.dilation, groups=self.groups, implementation=self.implementation)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -31,15 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dunet_jax.models import max_pool
 from dunet_jax.models.layers import Conv2d, batch_norm
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4
-
-
-def _max_pool(x: jax.Array) -> jax.Array:
-  """3x3 stride-2 max pool padded by 1 with -inf (torch.nn.MaxPool2d(3, 2, 1))."""
-  return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 class Downsample(nnx.Module):
@@ -162,7 +158,7 @@ class ResNet(nnx.Module):
       x = features['conv1_1'] = jax.nn.relu(self.bn1_1(self.conv1_1(images)))
       x = features['conv1_2'] = jax.nn.relu(self.bn1_2(self.conv1_2(x)))
       x = features['conv1_3'] = jax.nn.relu(self.bn1_3(self.conv1_3(x)))
-    x = _max_pool(x)
+    x = max_pool.max_pool(x)
     for stage in range(1, len(self.stage_blocks) + 1):
       for unit, block in enumerate(getattr(self, f'layer{stage}'), start=1):
         c1, c2, c3, x = block(x)
