@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--dtype', default='auto', choices=['auto', 'both', *DTYPES],
                       help='compute dtype; auto = f32 on CPU, bf16 elsewhere; both = f32 and bf16 in '
                            'one run (one JSON line each, the PyTorch peer timed once for both)')
-  parser.add_argument('--cpu_conv', default='xla', choices=['xla', 'matmul'],
+  parser.add_argument('--cpu_conv', default='matmul', choices=['matmul', 'xla'],
                       help='model.cpu_conv: how 3x3 convolutions run on CPU (dunet_jax/models/cpu_conv.py)')
   parser.add_argument('--steps', type=int, default=3, help='timed steps (after --warmup untimed ones)')
   parser.add_argument('--warmup', type=int, default=1)
@@ -164,7 +164,7 @@ def benchmark(args: argparse.Namespace, dtype: str | None = None) -> dict[str, A
     'achieved_flops_per_s': achieved, 'peak_flops_per_device': peak,
     'mfu': None if np.isnan(mfu) else mfu,
     'jax_version': jax.__version__, 'xla_flags': xla_flags,
-    'cpu_convolution_flag': cpu_flags.CPU_CONVOLUTION_FLAG in xla_flags,
+    'cpu_flags': {option: option in xla_flags for option in cpu_flags.CPU_OPTIONS},
   }
   if reference:
     matmul_flops = 2.0 * args.matmul_size ** 3

@@ -7,7 +7,7 @@ bf16 data (pad, slice, concatenate, transpose) through float32: a concatenation 
 16 ms where the same bits as uint16 took 1.3 ms. Only a bf16 x bf16 -> float32 dot with row-major
 operands runs in YNNPACK's bf16 kernels. No XLA:CPU flag of that release changes this.
 
-So on CPU a k x k convolution (odd k, any dilation, stride 1; 1x1 also strided) is written as:
+So on CPU a k x k convolution (odd k, any dilation; at least MIN_CHANNELS input channels) is:
 - width taps: the k horizontally shifted copies of the input (zero outside the image) side by side,
   (B, H, W, k*C), built on the uint16 bits of bf16 data;
 - one dot of those rows with the kernel laid out as (k*C, k*O): column block i is kernel row i;
@@ -17,13 +17,15 @@ Every output pixel is computed once (no padded grid). The backward pass (a custo
 form: the input gradient is the same construction on the output gradient with the flipped,
 transposed kernel (the transpose of a 'same' stride-1 convolution), and the kernel gradient is one
 dot of the height-shifted output gradients, laid out transposed (k*O, B*H*W), with the width taps
-saved from the forward pass. All three dots of a training step take row-major bf16 operands and
-return float32 (tested on the compiled program).
+saved from the forward pass. With a stride, the width taps are strided and the input rows are
+split by phase (row % stride); each phase is one dot with the kernel rows that read it, and the
+input gradient is scattered back by phase and tap. All dots of a training step take row-major
+bf16 operands and return float32 (tested on the compiled program).
 
 `conv2d(implementation='matmul')` picks this path at LOWERING time (`jax.lax.platform_dependent`),
 so a program traced on a CPU host and lowered for TPU or GPU keeps XLA's convolution there, and
-the parameters are the same either way. Strided k x k convolutions (k > 1) and grouped ones stay
-XLA's. README, 'Train step on CPU', has the figures.
+the parameters are the same either way. Float32 and grouped convolutions stay XLA's.
+README, 'Train step on CPU', has the figures.
 """
 import functools
 from typing import Callable
@@ -32,6 +34,8 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ('matmul', 'xla')
+# Narrower inputs (an RGB image) make dots too thin for the matmul units: XLA's convolution was faster.
+MIN_CHANNELS = 16
 
 
 def xla_conv(x: jax.Array, kernel: jax.Array, *, stride: int, dilation: int,
@@ -123,25 +127,102 @@ def _backward(dilation, residuals, grad):
 matmul_conv.defvjp(_forward, _backward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _subsample(x: jax.Array, stride: int, shape: tuple[int, ...]) -> jax.Array:
-  """x[:, ::stride, ::stride] whose gradient is built on the bits of bf16 data (see _on_bits)."""
-  return _on_bits(lambda x: x[:, ::stride, ::stride], x)
+def _row_phases(size: int, stride: int, dilation: int) -> dict[int, list[tuple[int, int]]]:
+  """Kernel row i reads input row stride * y + (i - half) * dilation for output row y, which is
+  row y + shift of phase `row % stride`: {phase: [(i, shift), ...]}."""
+  phases = {}
+  for i in range(size):
+    offset = (i - (size - 1) // 2) * dilation
+    phases.setdefault(offset % stride, []).append((i, offset // stride))
+  return phases
 
 
-def _subsample_forward(x, stride, shape):
-  return _subsample(x, stride, shape), None
+def _strided_width_taps(x: jax.Array, size: int, stride: int, dilation: int, out_width: int) -> jax.Array:
+  """(B, H, out_width, size*C): input column stride * x + (j - half) * dilation for tap j."""
+  def move(x):
+    half = (size - 1) // 2 * dilation
+    padded = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
+    end = stride * (out_width - 1) + 1
+    return jnp.concatenate([padded[:, :, j * dilation:j * dilation + end:stride] for j in range(size)], axis=-1)
+  return _on_bits(move, x)
 
 
-def _subsample_backward(stride, shape, _, grad):
-  def spread(grad):
-    zero = jnp.zeros((), grad.dtype)
-    return jax.lax.pad(grad, zero, [(0, 0, 0)] + [(0, n - 1 - (g - 1) * stride, stride - 1)
-                                                  for n, g in zip(shape[1:3], grad.shape[1:3])] + [(0, 0, 0)])
-  return (_on_bits(spread, grad),)
+def _phase_rows(taps: jax.Array, phase: int, stride: int, out_height: int) -> jax.Array:
+  """Rows phase, phase + stride, ... of the taps, zero-padded to out_height rows."""
+  def move(taps):
+    rows = taps[:, phase::stride][:, :out_height]
+    return jnp.pad(rows, ((0, 0), (0, out_height - rows.shape[1]), (0, 0), (0, 0)))
+  return _on_bits(move, taps)
 
 
-_subsample.defvjp(_subsample_forward, _subsample_backward)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def strided_matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
+                        in_shape: tuple[int, ...]) -> jax.Array:
+  """The convolution of matmul_conv with stride > 1 (in_shape = x.shape): the width taps are
+  strided, and the input rows split by phase (row % stride), each phase one dot with the kernel
+  rows that read it, so no output is computed that the stride drops."""
+  return _strided_forward(x, kernel, stride, dilation, in_shape)[0]
+
+
+def _strided_forward(x, kernel, stride, dilation, in_shape):
+  size, _, channels, out_channels = kernel.shape
+  _, height, width, _ = in_shape
+  out_height, out_width = (height - 1) // stride + 1, (width - 1) // stride + 1
+  taps = _strided_width_taps(x, size, stride, dilation, out_width)
+  rows = {phase: _phase_rows(taps, phase, stride, out_height) for phase in _row_phases(size, stride, dilation)}
+  y = 0.0
+  for phase, kernel_rows in _row_phases(size, stride, dilation).items():
+    blocks = jnp.concatenate([kernel[i] for i, _ in kernel_rows], axis=-1)  # (size, C, n * O)
+    blocks = blocks.reshape(size * channels, -1).astype(x.dtype)
+    product = jnp.dot(rows[phase].reshape(-1, size * channels), blocks, preferred_element_type=jnp.float32)
+    product = product.reshape(*rows[phase].shape[:3], len(kernel_rows), out_channels)
+    y = y + sum(_shift_rows(product[:, :, :, n], shift) for n, (_, shift) in enumerate(kernel_rows))
+  return y.astype(x.dtype), (rows, kernel)
+
+
+def _strided_backward(stride, dilation, in_shape, residuals, grad):
+  rows, kernel = residuals
+  size, _, channels, out_channels = kernel.shape
+  batch, height, width, _ = in_shape
+  out_height, out_width = grad.shape[1:3]
+  kernel_grad = [None] * size
+  taps_grad = jnp.zeros((batch, height, out_width, size * channels), jnp.float32)
+  zero = jnp.zeros((), jnp.float32)
+  for phase, kernel_rows in _row_phases(size, stride, dilation).items():
+    phase_rows = rows[phase].reshape(-1, size * channels)
+    def shifted(grad, axis):
+      return jnp.concatenate([jnp.moveaxis(_shift_rows(grad, -shift), -1, 0) if axis == 0 else
+                              _shift_rows(grad, -shift) for _, shift in kernel_rows], axis=axis)
+    # Kernel rows of this phase: (n*O, B*Ho*Wo) @ (B*Ho*Wo, size*C).
+    transposed = _on_bits(lambda grad: shifted(grad, 0).reshape(len(kernel_rows) * out_channels, -1), grad)
+    product = jnp.dot(transposed, phase_rows, preferred_element_type=jnp.float32)
+    for n, (i, _) in enumerate(kernel_rows):
+      kernel_grad[i] = product[n * out_channels:(n + 1) * out_channels].reshape(out_channels, size, channels)
+    # The phase's rows of the taps' gradient: (B*Ho*Wo, n*O) @ (n*O, size*C), back to rows
+    # phase, phase + stride, ... of the input.
+    # (n*O, size*C) laid out by a transpose of the kernel that XLA cannot fold into the dot
+    # (a folded transpose would make it a float32 dot).
+    blocks = jnp.stack([kernel[i] for i, _ in kernel_rows]).transpose(0, 3, 1, 2)
+    blocks = blocks.reshape(len(kernel_rows) * out_channels, size * channels).astype(grad.dtype)
+    rows_grad = jnp.dot(_on_bits(lambda grad: shifted(grad, -1), grad).reshape(-1, len(kernel_rows) * out_channels),
+                        blocks, preferred_element_type=jnp.float32).reshape(batch, out_height, out_width, -1)
+    used = len(range(phase, height, stride))
+    taps_grad = taps_grad + jax.lax.pad(rows_grad[:, :used], zero, [
+        (0, 0, 0), (phase, height - phase - stride * (used - 1) - 1, stride - 1), (0, 0, 0), (0, 0, 0)])
+  # Each width tap j back to input columns stride * x + (j - half) * dilation.
+  half = (size - 1) // 2 * dilation
+  padded_width = width + 2 * half
+  x_grad = 0.0
+  for j in range(size):
+    start = j * dilation
+    x_grad = x_grad + jax.lax.pad(taps_grad[..., j * channels:(j + 1) * channels], zero, [
+        (0, 0, 0), (0, 0, 0), (start, padded_width - start - stride * (out_width - 1) - 1, stride - 1), (0, 0, 0)])
+  x_grad = x_grad[:, :, half:half + width]
+  kernel_grad = jnp.stack(kernel_grad).transpose(0, 2, 3, 1)  # (size, O, size, C) -> HWIO
+  return x_grad.astype(grad.dtype), kernel_grad.astype(kernel.dtype)
+
+
+strided_matmul_conv.defvjp(_strided_forward, _strided_backward)
 
 
 def _einsum_1x1(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -152,9 +233,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation: int = 
            implementation: str = 'matmul') -> jax.Array:
   """NHWC convolution, symmetric padding; `kernel` (HWIO) is cast to x's dtype.
 
-  implementation: 'matmul' = matmul_conv for a bf16 convolution that it covers (ungrouped, odd
-  square kernel, stride 1 unless 1x1) when the program is lowered for CPU, XLA's convolution
-  elsewhere (in float32 XLA:CPU's own convolutions were as fast); 'xla' = XLA everywhere. XLA's
+  implementation: 'matmul' = matmul_conv / strided_matmul_conv for a bf16 convolution they cover
+  (ungrouped, odd square kernel, at least MIN_CHANNELS input channels) when the program is lowered
+  for CPU, XLA's convolution elsewhere (in float32 XLA:CPU's own convolutions were as fast); 'xla' = XLA everywhere. XLA's
   form of a 1x1 convolution is an einsum over the strided input (a matmul).
   """
   if implementation not in IMPLEMENTATIONS:
@@ -165,11 +246,11 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation: int = 
       return _einsum_1x1(x, kernel, stride)
     return xla_conv(x, kernel.astype(x.dtype), stride=stride, dilation=dilation, groups=groups)
   covered = (x.dtype == jnp.bfloat16 and groups == 1 and kernel.shape[1] == size and size % 2 == 1
-             and (stride == 1 or size == 1))
+             and x.shape[-1] >= MIN_CHANNELS)
   if implementation == 'xla' or not covered:
     return accelerator(x, kernel)
   def cpu(x, kernel):
-    if stride != 1:
-      x = _subsample(x, stride, x.shape)
-    return matmul_conv(x, kernel, dilation)
+    if stride == 1:
+      return matmul_conv(x, kernel, dilation)
+    return strided_matmul_conv(x, kernel, stride, dilation, x.shape)
   return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=accelerator)

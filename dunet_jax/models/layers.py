@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dunet_jax.models import cpu_conv
+from dunet_jax.models import batch_statistics, cpu_conv
 
 # torchvision initialises backbone convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 BACKBONE_INIT = jax.nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -69,8 +69,14 @@ class BatchNorm(nnx.BatchNorm):
                      param_dtype=jnp.float32, rngs=rngs)
     self.compute_dtype = jnp.dtype(compute_dtype)
 
-  def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
-    return super().__call__(x, **kwargs).astype(self.compute_dtype)
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    if self.use_running_average if use_running_average is None else use_running_average:
+      return super().__call__(x, use_running_average=True).astype(self.compute_dtype)
+    # Training: flax's arithmetic, with a leaner gradient on CPU (batch_statistics.py).
+    y, mean, var = batch_statistics.normalize(x, self.scale[...], self.bias[...], self.epsilon)
+    self.mean[...] = jax.lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+    self.var[...] = jax.lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)
+    return y.astype(self.compute_dtype)
 
 
 def batch_norm(num_features: int, dtype, rngs: nnx.Rngs, epsilon: float = BN_EPSILON) -> BatchNorm:
