@@ -58,7 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.decoder_convs = 2
   model.decoder_channels = 128
   model.num_components = 128
-  model.compute_dtype = 'float32'   # bf16 is no faster: XLA:CPU computes its convs in float32 (README)
+  # bf16 on CPU: its convolutions run as bf16 matmuls (models/cpu_conv.py); 7% faster per step
+  # here, and val mIoU 0.7784 against 0.7688 in float32 at 2,000 steps (README).
+  model.compute_dtype = 'bfloat16'
   model.temperature_init = 0.1
 
   train = config.train
@@ -89,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # differences in near-zero gradients into large parameter differences.
     train.optimizer = 'sgd'
     train.learning_rate = 0.02
+    model.compute_dtype = 'float32'  # bf16 rounding would differ between topologies
     train.batch_size = 8
     train.num_steps = 6
     train.log_every = 2

@@ -66,13 +66,32 @@ def _shift_rows(x: jax.Array, shift: int) -> jax.Array:
   return jnp.pad(x, pads)[:, max(shift, 0):max(shift, 0) + height]
 
 
+def _join(parts: list[jax.Array], axis: int) -> jax.Array:
+  """jnp.concatenate; on integer bits as OR of zero-padded parts, which XLA:CPU fuses into one
+  pass with the moves before it and the bitcast after it (a concatenate is a pass of its own)."""
+  if len(parts) == 1:
+    return parts[0]
+  if not jnp.issubdtype(parts[0].dtype, jnp.integer):
+    return jnp.concatenate(parts, axis=axis)
+  axis = axis % parts[0].ndim
+  total = sum(part.shape[axis] for part in parts)
+  joined, start = None, 0
+  for part in parts:
+    pads = [(0, 0)] * part.ndim
+    pads[axis] = (start, total - start - part.shape[axis])
+    start += part.shape[axis]
+    padded = jnp.pad(part, pads)
+    joined = padded if joined is None else joined | padded
+  return joined
+
+
 def _width_taps(x: jax.Array, size: int, dilation: int) -> jax.Array:
   """(B, H, W, size*C): the size horizontally shifted copies of x (zero outside), side by side."""
   def move(x):
     half = (size - 1) // 2 * dilation
     width = x.shape[2]
     padded = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
-    return jnp.concatenate([padded[:, :, j * dilation:j * dilation + width] for j in range(size)], axis=-1)
+    return _join([padded[:, :, j * dilation:j * dilation + width] for j in range(size)], axis=-1)
   return x if size == 1 else _on_bits(move, x)
 
 
@@ -111,8 +130,8 @@ def _backward(dilation, residuals, grad):
   # Kernel gradient: row block i of (size*O, B*H*W) is the output gradient shifted up by kernel
   # row i's offset, transposed; one dot with the forward's width taps gives (size*O, size*C).
   def shifted_transposed(grad):
-    return jnp.concatenate([jnp.moveaxis(_shift_rows(grad, -(i - half) * dilation), -1, 0)
-                            for i in range(size)], axis=0).reshape(size * out_channels, -1)
+    return _join([jnp.moveaxis(_shift_rows(grad, -(i - half) * dilation), -1, 0)
+                  for i in range(size)], axis=0).reshape(size * out_channels, -1)
   kernel_grad = jnp.dot(_on_bits(shifted_transposed, grad), taps.reshape(-1, size * channels),
                         preferred_element_type=jnp.float32)
   kernel_grad = kernel_grad.reshape(size, out_channels, size, channels).transpose(0, 2, 3, 1)
@@ -143,7 +162,7 @@ def _strided_width_taps(x: jax.Array, size: int, stride: int, dilation: int, out
     half = (size - 1) // 2 * dilation
     padded = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
     end = stride * (out_width - 1) + 1
-    return jnp.concatenate([padded[:, :, j * dilation:j * dilation + end:stride] for j in range(size)], axis=-1)
+    return _join([padded[:, :, j * dilation:j * dilation + end:stride] for j in range(size)], axis=-1)
   return _on_bits(move, x)
 
 
@@ -191,8 +210,8 @@ def _strided_backward(stride, dilation, in_shape, residuals, grad):
   for phase, kernel_rows in _row_phases(size, stride, dilation).items():
     phase_rows = rows[phase].reshape(-1, size * channels)
     def shifted(grad, axis):
-      return jnp.concatenate([jnp.moveaxis(_shift_rows(grad, -shift), -1, 0) if axis == 0 else
-                              _shift_rows(grad, -shift) for _, shift in kernel_rows], axis=axis)
+      return _join([jnp.moveaxis(_shift_rows(grad, -shift), -1, 0) if axis == 0 else
+                    _shift_rows(grad, -shift) for _, shift in kernel_rows], axis=axis)
     # Kernel rows of this phase: (n*O, B*Ho*Wo) @ (B*Ho*Wo, size*C).
     transposed = _on_bits(lambda grad: shifted(grad, 0).reshape(len(kernel_rows) * out_channels, -1), grad)
     product = jnp.dot(transposed, phase_rows, preferred_element_type=jnp.float32)
