@@ -22,7 +22,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dunet_jax import cpu_flags  # noqa: E402
+from dunet_jax import cpu_flags, huge_pages  # noqa: E402
+
+huge_pages.reexec()  # huge pages for the heap, as dunet_jax's commands get (dunet_jax/huge_pages.py)
 
 cpu_flags.apply()
 

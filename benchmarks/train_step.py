@@ -27,7 +27,9 @@ from typing import Any, Callable
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dunet_jax import cpu_flags  # noqa: E402
+from dunet_jax import cpu_flags, huge_pages  # noqa: E402
+
+huge_pages.reexec()  # huge pages for the heap, as dunet_jax's commands get (dunet_jax/huge_pages.py)
 
 cpu_flags.apply()  # the same XLA:CPU flags as dunet_jax.main, before jax starts
 
@@ -164,6 +166,7 @@ def benchmark(args: argparse.Namespace, dtype: str | None = None) -> dict[str, A
     'achieved_flops_per_s': achieved, 'peak_flops_per_device': peak,
     'mfu': None if np.isnan(mfu) else mfu,
     'jax_version': jax.__version__, 'xla_flags': xla_flags,
+    'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
     'cpu_flags': {option: option in xla_flags for option in cpu_flags.CPU_OPTIONS},
   }
   if reference:
