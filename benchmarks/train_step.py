@@ -8,10 +8,12 @@ Reports the median step time, images/s, model FLOPs per step (XLA cost analysis 
 step, 2 per multiply-add), achieved FLOP/s and MFU against the chip's peak. On CPU, where a peak
 means little, it times a large float32 matmul on its own before the steps (best of
 --matmul_repeats: the machine's attainable FLOP/s) and reports the step's fraction of that rate.
-It applies the XLA flags `dunet_jax.main` applies (dunet_jax/cpu_flags.py) and records them
-('xla_flags'). When torch and torchvision are importable (CPU runs), it also times their
-DeepLabV3-ResNet-50 at output stride 16 on the same batch (SGD step, float32 and bf16 autocast with
-channels_last) and reports the step-time ratios DUNet / PyTorch.
+It runs as `dunet_jax.main` does: restarted once with huge pages for the heap
+(dunet_jax/huge_pages.py; 'glibc_tunables', and the timed steps' 'page_faults_per_step' and
+'kernel_s_per_step') and with its XLA:CPU flags (dunet_jax/cpu_flags.py; 'xla_flags'). When torch
+and torchvision are importable (CPU runs), it also times their DeepLabV3-ResNet-50 at output
+stride 16 on the same batch (SGD step, float32 and bf16 autocast with channels_last) and reports
+the step-time ratios DUNet / PyTorch.
 The batch is split over all local devices; images and labels are random (speed does not depend
 on their values).
 """
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import statistics
 import sys
 import time
@@ -147,10 +150,12 @@ def benchmark(args: argparse.Namespace, dtype: str | None = None) -> dict[str, A
   for _ in range(args.warmup):
     jax.block_until_ready(one_step())
   step_times, step_cpu_times = [], []
+  usage_before = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(args.steps):
     wall, cpu = timed(one_step)
     step_times.append(wall)
     step_cpu_times.append(cpu)
+  usage_after = resource.getrusage(resource.RUSAGE_SELF)
   step_time = statistics.median(step_times)
   achieved = flops_per_step / step_time
   peak = throughput.resolve_peak_flops(config.train.peak_flops, device)
@@ -167,6 +172,9 @@ def benchmark(args: argparse.Namespace, dtype: str | None = None) -> dict[str, A
     'mfu': None if np.isnan(mfu) else mfu,
     'jax_version': jax.__version__, 'xla_flags': xla_flags,
     'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+    # Page faults and kernel time of the timed steps (dunet_jax/huge_pages.py says why they matter).
+    'page_faults_per_step': (usage_after.ru_minflt - usage_before.ru_minflt) / args.steps,
+    'kernel_s_per_step': (usage_after.ru_stime - usage_before.ru_stime) / args.steps,
     'cpu_flags': {option: option in xla_flags for option in cpu_flags.CPU_OPTIONS},
   }
   if reference:

@@ -254,8 +254,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation: int = 
 
   implementation: 'matmul' = matmul_conv / strided_matmul_conv for a bf16 convolution they cover
   (ungrouped, odd square kernel, at least MIN_CHANNELS input channels) when the program is lowered
-  for CPU, XLA's convolution elsewhere (in float32 XLA:CPU's own convolutions were as fast); 'xla' = XLA everywhere. XLA's
-  form of a 1x1 convolution is an einsum over the strided input (a matmul).
+  for CPU, XLA's convolution elsewhere (in float32 XLA:CPU's own convolutions were as fast);
+  'xla' = XLA everywhere. XLA's form of a 1x1 convolution is an einsum over the strided input.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model.cpu_conv={implementation!r}: use one of {IMPLEMENTATIONS}')
