@@ -4,12 +4,13 @@ glibc's malloc tunable set.
 XLA:CPU allocates each execution's temporary buffers afresh, and glibc hands such large blocks back
 to the kernel when they are freed; on a host whose transparent huge pages are 'madvise' (the
 default of many distributions, and of this project's machines) every 4 KiB page is then faulted in
-again on every step. A DUNet-R50 bf16 train step took 315,000 page faults and 0.55 s of kernel time
-per 1.42 s step; with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35: malloc madvises its
-memory for huge pages) it took 1,200 faults, 0.09 s of kernel time and 1.05 s per step (README,
-'Train step on CPU'). The tunable is only read when a process starts, so `python -m dunet_jax.<tool>`
-and the benchmarks re-execute themselves with it once, before they import anything heavy. A
-GLIBC_TUNABLES that already names the tunable is left alone: `glibc.malloc.hugetlb=0` turns this off.
+again on every step. A DUNet-R50 bf16 train step took 316,000 page faults and 0.53 s of kernel time
+per 1.38 s step; with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35: malloc madvises its
+memory for huge pages) it took 1,170 faults, 0.09 s of kernel time and 1.06 s per step
+(benchmarks/train_step.py; README, 'Train step on CPU'). The tunable is only read when a process
+starts, so `python -m dunet_jax.<tool>` and the benchmarks re-execute themselves with it once, before
+they import anything heavy. A GLIBC_TUNABLES that already names the tunable is left alone:
+`glibc.malloc.hugetlb=0` turns this off.
 """
 import os
 import platform
