@@ -7,11 +7,10 @@ Trains configs/synthetic.py (the built-in demo: AdamW, batch 8, 128 px crops) fo
 'bfloat16' (float32 parameters, BatchNorm statistics, softmax and loss), from the same seed, data
 order and W, and reports each run's val mIoU at single scale, the difference and whether it is
 within --tolerance (0.02, the issue's bar). Each run writes its own workdir under --workdir
-(removed first, so the figures are always from fresh runs). Run time: about 2 x (30 s of setup +
-steps / 4.5 s) on an idle 2-core CPU (the demo's 4.5 steps/s; a bf16 step of this small net took
-about as long as a float32 one on XLA:CPU: 0.32 vs 0.35 s, benchmarks/train_step.py --preset=tiny
---crop=128 --batch_size=8, under load), i.e. about 9 minutes at the default 1,000 steps and 18 at
-the demo's 2,000; the dataset is generated first if /tmp/dunet_jax_data/synthetic is empty (30 s).
+(removed first, so the figures are always from fresh runs). Run time at --steps=2000 on this
+project's 2-core CPU: 278 s in float32 and 157 s in bf16 (2026-11-30, the float32 run beside other
+work, so not a comparison of speeds; benchmarks/train_step.py is); the dataset is generated first if
+/tmp/dunet_jax_data/synthetic is empty (about 12 s).
 """
 import argparse
 import json
