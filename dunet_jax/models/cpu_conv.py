@@ -28,6 +28,7 @@ the parameters are the same either way. Float32 and grouped convolutions stay XL
 README, 'Train step on CPU', has the figures.
 """
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -85,24 +86,62 @@ def _join(parts: list[jax.Array], axis: int) -> jax.Array:
   return joined
 
 
-def _width_taps(x: jax.Array, size: int, dilation: int) -> jax.Array:
-  """(B, H, W, size*C): the size horizontally shifted copies of x (zero outside), side by side."""
+def _row_phases(size: int, stride: int, dilation: int) -> dict[int, list[tuple[int, int]]]:
+  """Kernel row i reads input row stride * y + (i - half) * dilation for output row y, which is
+  row y + shift of phase `row % stride`: {phase: [(i, shift), ...]} (stride 1: one phase, all rows)."""
+  phases = {}
+  for i in range(size):
+    offset = (i - (size - 1) // 2) * dilation
+    phases.setdefault(offset % stride, []).append((i, offset // stride))
+  return phases
+
+
+def _width_taps(x: jax.Array, size: int, stride: int, dilation: int, out_width: int) -> jax.Array:
+  """(B, H, out_width, size*C): input column stride * x + (j - half) * dilation for tap j (zero
+  outside the image), the size taps side by side."""
+  if size == 1 and stride == 1:
+    return x
   def move(x):
     half = (size - 1) // 2 * dilation
-    width = x.shape[2]
     padded = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
-    return _join([padded[:, :, j * dilation:j * dilation + width] for j in range(size)], axis=-1)
-  return x if size == 1 else _on_bits(move, x)
+    end = stride * (out_width - 1) + 1
+    return _join([padded[:, :, j * dilation:j * dilation + end:stride] for j in range(size)], axis=-1)
+  return _on_bits(move, x)
 
 
-def _same_conv(taps: jax.Array, kernel_blocks: jax.Array, size: int, dilation: int) -> jax.Array:
-  """float32 stride-1 'same' convolution from the width taps and the kernel as (size*C, size*O)."""
+def _kernel_blocks(kernel: jax.Array, kernel_rows: list[tuple[int, int]], dtype) -> jax.Array:
+  """(size*C, n*O): column block n is kernel row kernel_rows[n][0] with its taps stacked, laid out
+  in float32 (the parameter's dtype) and then cast: XLA:CPU moves bf16 slowly."""
+  blocks = jnp.concatenate([kernel[i] for i, _ in kernel_rows], axis=-1)  # (size, C, n * O)
+  return blocks.reshape(kernel.shape[0] * kernel.shape[2], -1).astype(dtype)
+
+
+def _shifted_sum(taps: jax.Array, blocks: jax.Array, kernel_rows: list[tuple[int, int]]) -> jax.Array:
+  """float32 sum over n of (taps @ column block n of `blocks`) shifted by kernel_rows[n]'s shift rows."""
   batch, height, width, _ = taps.shape
-  out_channels = kernel_blocks.shape[1] // size
-  blocks = jnp.dot(taps.reshape(batch * height * width, -1), kernel_blocks,
-                   preferred_element_type=jnp.float32).reshape(batch, height, width, size, out_channels)
-  half = (size - 1) // 2
-  return sum(_shift_rows(blocks[:, :, :, i], (i - half) * dilation) for i in range(size))
+  product = jnp.dot(taps.reshape(batch * height * width, -1), blocks, preferred_element_type=jnp.float32)
+  product = product.reshape(batch, height, width, len(kernel_rows), -1)
+  return sum(_shift_rows(product[:, :, :, n], shift) for n, (_, shift) in enumerate(kernel_rows))
+
+
+def _shifted_gradients(grad: jax.Array, kernel_rows: list[tuple[int, int]], transposed: bool) -> jax.Array:
+  """The output gradient shifted back by each kernel row's shift, side by side: (B*H*W, n*O), or
+  (n*O, B*H*W) when `transposed` (laid out so, on the bits, not by a transpose XLA would fold into
+  the dot and turn float32)."""
+  pixels = math.prod(grad.shape[:-1])
+  def move(grad):
+    shifted = [_shift_rows(grad, -shift) for _, shift in kernel_rows]
+    if transposed:
+      return _join([jnp.moveaxis(part, -1, 0) for part in shifted], axis=0).reshape(-1, pixels)
+    return _join(shifted, axis=-1).reshape(pixels, -1)
+  return _on_bits(move, grad)
+
+
+def _spread(x: jax.Array, axis: int, start: int, length: int, stride: int) -> jax.Array:
+  """x placed at positions start, start + stride, ... of an axis `length` long, zeros elsewhere."""
+  config = [(0, 0, 0)] * x.ndim
+  config[axis] = (start, length - start - stride * (x.shape[axis] - 1) - 1, stride - 1)
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -116,54 +155,31 @@ def matmul_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
 
 
 def _forward(x, kernel, dilation):
-  size, _, channels, out_channels = kernel.shape
-  taps = _width_taps(x, size, dilation)
-  # Laid out in float32 (the parameter's dtype) and then cast: XLA:CPU transposes bf16 slowly.
-  blocks = kernel.transpose(1, 2, 0, 3).reshape(size * channels, size * out_channels).astype(x.dtype)
-  return _same_conv(taps, blocks, size, dilation).astype(x.dtype), (taps, kernel)
+  size = kernel.shape[0]
+  kernel_rows = _row_phases(size, 1, dilation)[0]
+  taps = _width_taps(x, size, 1, dilation, x.shape[2])
+  y = _shifted_sum(taps, _kernel_blocks(kernel, kernel_rows, x.dtype), kernel_rows)
+  return y.astype(x.dtype), (taps, kernel)
 
 
 def _backward(dilation, residuals, grad):
   taps, kernel = residuals
   size, _, channels, out_channels = kernel.shape
-  half = (size - 1) // 2
-  # Kernel gradient: row block i of (size*O, B*H*W) is the output gradient shifted up by kernel
-  # row i's offset, transposed; one dot with the forward's width taps gives (size*O, size*C).
-  def shifted_transposed(grad):
-    return _join([jnp.moveaxis(_shift_rows(grad, -(i - half) * dilation), -1, 0)
-                  for i in range(size)], axis=0).reshape(size * out_channels, -1)
-  kernel_grad = jnp.dot(_on_bits(shifted_transposed, grad), taps.reshape(-1, size * channels),
-                        preferred_element_type=jnp.float32)
+  kernel_rows = _row_phases(size, 1, dilation)[0]
+  # Kernel gradient: the shifted output gradients, transposed, (size*O, B*H*W) @ the forward's width
+  # taps (B*H*W, size*C).
+  kernel_grad = jnp.dot(_shifted_gradients(grad, kernel_rows, transposed=True),
+                        taps.reshape(-1, size * channels), preferred_element_type=jnp.float32)
   kernel_grad = kernel_grad.reshape(size, out_channels, size, channels).transpose(0, 2, 3, 1)
   # Input gradient: the 'same' convolution of the output gradient with the flipped kernel, its
   # input and output channels swapped.
-  flipped = kernel[::-1, ::-1].transpose(1, 3, 0, 2)
-  blocks = flipped.reshape(size * out_channels, size * channels).astype(grad.dtype)
-  x_grad = _same_conv(_width_taps(grad, size, dilation), blocks, size, dilation)
+  flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
+  taps_grad = _width_taps(grad, size, 1, dilation, grad.shape[2])
+  x_grad = _shifted_sum(taps_grad, _kernel_blocks(flipped, kernel_rows, grad.dtype), kernel_rows)
   return x_grad.astype(grad.dtype), kernel_grad.astype(kernel.dtype)
 
 
 matmul_conv.defvjp(_forward, _backward)
-
-
-def _row_phases(size: int, stride: int, dilation: int) -> dict[int, list[tuple[int, int]]]:
-  """Kernel row i reads input row stride * y + (i - half) * dilation for output row y, which is
-  row y + shift of phase `row % stride`: {phase: [(i, shift), ...]}."""
-  phases = {}
-  for i in range(size):
-    offset = (i - (size - 1) // 2) * dilation
-    phases.setdefault(offset % stride, []).append((i, offset // stride))
-  return phases
-
-
-def _strided_width_taps(x: jax.Array, size: int, stride: int, dilation: int, out_width: int) -> jax.Array:
-  """(B, H, out_width, size*C): input column stride * x + (j - half) * dilation for tap j."""
-  def move(x):
-    half = (size - 1) // 2 * dilation
-    padded = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
-    end = stride * (out_width - 1) + 1
-    return _join([padded[:, :, j * dilation:j * dilation + end:stride] for j in range(size)], axis=-1)
-  return _on_bits(move, x)
 
 
 def _phase_rows(taps: jax.Array, phase: int, stride: int, out_height: int) -> jax.Array:
@@ -184,18 +200,13 @@ def strided_matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: 
 
 
 def _strided_forward(x, kernel, stride, dilation, in_shape):
-  size, _, channels, out_channels = kernel.shape
   _, height, width, _ = in_shape
   out_height, out_width = (height - 1) // stride + 1, (width - 1) // stride + 1
-  taps = _strided_width_taps(x, size, stride, dilation, out_width)
-  rows = {phase: _phase_rows(taps, phase, stride, out_height) for phase in _row_phases(size, stride, dilation)}
-  y = 0.0
-  for phase, kernel_rows in _row_phases(size, stride, dilation).items():
-    blocks = jnp.concatenate([kernel[i] for i, _ in kernel_rows], axis=-1)  # (size, C, n * O)
-    blocks = blocks.reshape(size * channels, -1).astype(x.dtype)
-    product = jnp.dot(rows[phase].reshape(-1, size * channels), blocks, preferred_element_type=jnp.float32)
-    product = product.reshape(*rows[phase].shape[:3], len(kernel_rows), out_channels)
-    y = y + sum(_shift_rows(product[:, :, :, n], shift) for n, (_, shift) in enumerate(kernel_rows))
+  taps = _width_taps(x, kernel.shape[0], stride, dilation, out_width)
+  phases = _row_phases(kernel.shape[0], stride, dilation)
+  rows = {phase: _phase_rows(taps, phase, stride, out_height) for phase in phases}
+  y = sum(_shifted_sum(rows[phase], _kernel_blocks(kernel, kernel_rows, x.dtype), kernel_rows)
+          for phase, kernel_rows in phases.items())
   return y.astype(x.dtype), (rows, kernel)
 
 
@@ -205,37 +216,26 @@ def _strided_backward(stride, dilation, in_shape, residuals, grad):
   batch, height, width, _ = in_shape
   out_height, out_width = grad.shape[1:3]
   kernel_grad = [None] * size
-  taps_grad = jnp.zeros((batch, height, out_width, size * channels), jnp.float32)
-  zero = jnp.zeros((), jnp.float32)
+  taps_grad = 0.0
   for phase, kernel_rows in _row_phases(size, stride, dilation).items():
-    phase_rows = rows[phase].reshape(-1, size * channels)
-    def shifted(grad, axis):
-      return _join([jnp.moveaxis(_shift_rows(grad, -shift), -1, 0) if axis == 0 else
-                    _shift_rows(grad, -shift) for _, shift in kernel_rows], axis=axis)
     # Kernel rows of this phase: (n*O, B*Ho*Wo) @ (B*Ho*Wo, size*C).
-    transposed = _on_bits(lambda grad: shifted(grad, 0).reshape(len(kernel_rows) * out_channels, -1), grad)
-    product = jnp.dot(transposed, phase_rows, preferred_element_type=jnp.float32)
+    product = jnp.dot(_shifted_gradients(grad, kernel_rows, transposed=True),
+                      rows[phase].reshape(-1, size * channels), preferred_element_type=jnp.float32)
     for n, (i, _) in enumerate(kernel_rows):
       kernel_grad[i] = product[n * out_channels:(n + 1) * out_channels].reshape(out_channels, size, channels)
     # The phase's rows of the taps' gradient: (B*Ho*Wo, n*O) @ (n*O, size*C), back to rows
-    # phase, phase + stride, ... of the input.
-    # (n*O, size*C) laid out by a transpose of the kernel that XLA cannot fold into the dot
-    # (a folded transpose would make it a float32 dot).
+    # phase, phase + stride, ... of the input. The (n*O, size*C) kernel is laid out by a transpose
+    # that XLA cannot fold into the dot (a folded transpose would make it a float32 dot).
     blocks = jnp.stack([kernel[i] for i, _ in kernel_rows]).transpose(0, 3, 1, 2)
     blocks = blocks.reshape(len(kernel_rows) * out_channels, size * channels).astype(grad.dtype)
-    rows_grad = jnp.dot(_on_bits(lambda grad: shifted(grad, -1), grad).reshape(-1, len(kernel_rows) * out_channels),
-                        blocks, preferred_element_type=jnp.float32).reshape(batch, out_height, out_width, -1)
+    rows_grad = jnp.dot(_shifted_gradients(grad, kernel_rows, transposed=False), blocks,
+                        preferred_element_type=jnp.float32).reshape(batch, out_height, out_width, -1)
     used = len(range(phase, height, stride))
-    taps_grad = taps_grad + jax.lax.pad(rows_grad[:, :used], zero, [
-        (0, 0, 0), (phase, height - phase - stride * (used - 1) - 1, stride - 1), (0, 0, 0), (0, 0, 0)])
+    taps_grad = taps_grad + _spread(rows_grad[:, :used], 1, phase, height, stride)
   # Each width tap j back to input columns stride * x + (j - half) * dilation.
   half = (size - 1) // 2 * dilation
-  padded_width = width + 2 * half
-  x_grad = 0.0
-  for j in range(size):
-    start = j * dilation
-    x_grad = x_grad + jax.lax.pad(taps_grad[..., j * channels:(j + 1) * channels], zero, [
-        (0, 0, 0), (0, 0, 0), (start, padded_width - start - stride * (out_width - 1) - 1, stride - 1), (0, 0, 0)])
+  x_grad = sum(_spread(taps_grad[..., j * channels:(j + 1) * channels], 2, j * dilation, width + 2 * half, stride)
+               for j in range(size))
   x_grad = x_grad[:, :, half:half + width]
   kernel_grad = jnp.stack(kernel_grad).transpose(0, 2, 3, 1)  # (size, O, size, C) -> HWIO
   return x_grad.astype(grad.dtype), kernel_grad.astype(kernel.dtype)
